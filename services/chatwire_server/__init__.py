@@ -1,0 +1,1 @@
+"""chatwire: an OpenAI-compatible chat completion service over gRPC."""

@@ -1,0 +1,5 @@
+"""`python -m chatwire_server` starts the gRPC server."""
+
+from chatwire_server.server import main
+
+main()

@@ -1,0 +1,266 @@
+"""Protobuf <-> domain: request validation in one place, and the response messages.
+
+Validation follows OpenAI's types and ranges; every failure names the offending field in `param`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire.v1 import models_pb2
+from google.protobuf import json_format, struct_pb2
+
+from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams
+from chatwire_server.errors import InvalidRequestError
+from chatwire_server.registry import ModelEntry
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+MAX_STOP_SEQUENCES = 4
+
+
+def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequest:
+    """Validate a request and turn it into the domain model."""
+    if not request.model:
+        raise InvalidRequestError("you must provide a model parameter", param="model")
+    if not request.messages:
+        raise InvalidRequestError(
+            "'messages' must be a non-empty array of messages", param="messages", code="empty_array"
+        )
+    _reject_unsupported(request)
+    messages = tuple(_message_from_proto(i, m) for i, m in enumerate(request.messages))
+    return ChatRequest(
+        model=request.model,
+        messages=messages,
+        sampling=_sampling_from_proto(request),
+        n=_int_in_range(request, "n", 1, 128, default=1),
+        include_usage=request.stream_options.include_usage,
+    )
+
+
+def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
+    """Features this server does not implement yet get a 400, never a silent no-op."""
+    unsupported = {
+        "tools": len(request.tools) > 0,
+        "functions": len(request.functions) > 0,
+        "logit_bias": len(request.logit_bias) > 0,
+        "logprobs": request.logprobs,
+        "audio": request.HasField("audio"),
+        "prediction": request.HasField("prediction"),
+        "web_search_options": request.HasField("web_search_options"),
+        "moderation": request.HasField("moderation"),
+    }
+    for param, present in unsupported.items():
+        if present:
+            raise InvalidRequestError(
+                f"'{param}' is not supported by this server yet.", param=param, code="unsupported_parameter"
+            )
+    if request.HasField("top_logprobs") and not request.logprobs:
+        raise InvalidRequestError(
+            "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs", code="invalid_value"
+        )
+    if request.response_format.type not in ("", "text"):
+        raise InvalidRequestError(
+            f"response_format type '{request.response_format.type}' is not supported by this server yet.",
+            param="response_format.type",
+            code="unsupported_parameter",
+        )
+    if any(m != "text" for m in request.modalities):
+        raise InvalidRequestError(
+            "This model only produces text: 'modalities' may only contain 'text'.", param="modalities"
+        )
+
+
+def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) -> ChatMessage:
+    where = f"messages[{index}]"
+    if message.role not in ROLES:
+        raise InvalidRequestError(
+            f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}; got '{message.role}'.",
+            param=f"{where}.role",
+            code="invalid_value",
+        )
+    content = _content_text(where, message)
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidRequestError(
+            f"'{where}.tool_call_id' is required for tool messages.", param=f"{where}.tool_call_id"
+        )
+    if message.role == "function" and not message.name:
+        raise InvalidRequestError(f"'{where}.name' is required for function messages.", param=f"{where}.name")
+    return ChatMessage(
+        role=message.role,
+        content=content,
+        name=message.name if message.HasField("name") else None,
+        tool_call_id=message.tool_call_id if message.HasField("tool_call_id") else None,
+        tool_calls=tuple(json_format.MessageToDict(c, preserving_proto_field_name=True) for c in message.tool_calls),
+    )
+
+
+def _content_text(where: str, message: pb.ChatCompletionRequestMessage) -> str | None:
+    """The message's text: a string, or the text parts of an array joined; null only where OpenAI allows."""
+    kind = message.content.WhichOneof("kind")
+    may_be_null = message.role in ("assistant", "function")
+    if kind is None or kind == "null_value":
+        if may_be_null:
+            return None
+        raise InvalidRequestError(
+            f"'{where}.content' is required for {message.role} messages.", param=f"{where}.content"
+        )
+    if kind == "string_value":
+        return message.content.string_value
+    if kind != "list_value":
+        raise InvalidRequestError(
+            f"Invalid type for '{where}.content': expected a string or an array of content parts.",
+            param=f"{where}.content",
+            code="invalid_type",
+        )
+    parts = message.content.list_value.values
+    if not parts and not may_be_null:
+        raise InvalidRequestError(f"'{where}.content' must not be an empty array.", param=f"{where}.content")
+    texts = []
+    for j, value in enumerate(parts):
+        texts.append(_part_text(f"{where}.content[{j}]", value))
+    return "".join(texts)
+
+
+def _part_text(where: str, value: struct_pb2.Value) -> str:
+    if value.WhichOneof("kind") != "struct_value":
+        raise InvalidRequestError(f"Invalid type for '{where}': expected an object.", param=where, code="invalid_type")
+    part = pb.ChatCompletionRequestMessageContentPart()
+    try:
+        json_format.ParseDict(json_format.MessageToDict(value.struct_value), part)
+    except json_format.ParseError as exc:
+        raise InvalidRequestError(f"Invalid content part '{where}': {exc}", param=where) from None
+    if part.type == "text" and part.HasField("text"):
+        return part.text
+    if part.type == "refusal" and part.HasField("refusal"):
+        return part.refusal
+    if part.type in ("image_url", "input_audio", "file"):
+        raise InvalidRequestError(
+            f"'{where}' is of type '{part.type}', but this model only accepts text.",
+            param=where,
+            code="unsupported_content_type",
+        )
+    raise InvalidRequestError(
+        f"Invalid content part '{where}': expected type 'text' with a 'text' field.", param=where, code="invalid_value"
+    )
+
+
+def _sampling_from_proto(request: pb.CreateChatCompletionRequest) -> SamplingParams:
+    # max_completion_tokens is OpenAI's current name; it wins over the deprecated max_tokens.
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        if request.HasField(name):
+            max_tokens = _int_in_range(request, name, 1, 2**31 - 1)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_float_in_range(request, "temperature", 0.0, 2.0, default=1.0),
+        top_p=_float_in_range(request, "top_p", 0.0, 1.0, default=1.0),
+        top_k=_int_in_range(request, "top_k", 0, 2**31 - 1, default=0),
+        min_p=_float_in_range(request, "min_p", 0.0, 1.0, default=0.0),
+        seed=request.seed if request.HasField("seed") else None,
+        stop=_stop_sequences(request.stop),
+        frequency_penalty=_float_in_range(request, "frequency_penalty", -2.0, 2.0, default=0.0),
+        presence_penalty=_float_in_range(request, "presence_penalty", -2.0, 2.0, default=0.0),
+        repetition_penalty=_float_in_range(request, "repetition_penalty", 0.0, 10.0, default=1.0, open_low=True),
+    )
+
+
+def _float_in_range(
+    request: pb.CreateChatCompletionRequest,
+    name: str,
+    low: float,
+    high: float,
+    *,
+    default: float,
+    open_low: bool = False,
+) -> float:
+    if not request.HasField(name):
+        return default
+    value = float(getattr(request, name))
+    if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
+        bound = f"greater than {low:g}" if open_low else f"at least {low:g}"
+        raise InvalidRequestError(
+            f"Invalid '{name}': {value:g}; it must be {bound} and at most {high:g}.",
+            param=name,
+            code="invalid_value",
+        )
+    return value
+
+
+def _int_in_range(
+    request: pb.CreateChatCompletionRequest, name: str, low: int, high: int, *, default: int | None = None
+) -> int:
+    if not request.HasField(name):
+        assert default is not None
+        return default
+    value = int(getattr(request, name))
+    if value < low or value > high:
+        raise InvalidRequestError(
+            f"Invalid '{name}': {value}; it must be at least {low} and at most {high}.",
+            param=name,
+            code="invalid_value",
+        )
+    return value
+
+
+def _stop_sequences(stop: struct_pb2.Value) -> tuple[str, ...]:
+    kind = stop.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return ()
+    if kind == "string_value":
+        return (stop.string_value,)
+    if kind == "list_value":
+        values = stop.list_value.values
+        if all(v.WhichOneof("kind") == "string_value" for v in values):
+            if len(values) > MAX_STOP_SEQUENCES:
+                raise InvalidRequestError(
+                    f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} sequences are allowed, got {len(values)}.",
+                    param="stop",
+                    code="invalid_value",
+                )
+            return tuple(v.string_value for v in values)
+    raise InvalidRequestError(
+        "Invalid type for 'stop': expected a string, an array of strings, or null.", param="stop", code="invalid_type"
+    )
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+NULL = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+
+
+def usage_to_proto(prompt_tokens: int, completion_tokens: int) -> pb.CompletionUsage:
+    """Token counts; the prompt is counted once however many choices were generated."""
+    return pb.CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def choice_to_proto(index: int, text: str, finished: Finished) -> pb.ChatCompletionChoice:
+    """One choice of a whole completion."""
+    return pb.ChatCompletionChoice(
+        index=index,
+        message=pb.ChatCompletionResponseMessage(
+            role="assistant", content=struct_pb2.Value(string_value=text), refusal=NULL
+        ),
+        finish_reason=finished.finish_reason,
+        logprobs=NULL,
+    )
+
+
+def chunk_choice(
+    index: int, *, role: str | None = None, content: str | None = None, finish_reason: str | None = None
+) -> pb.ChatCompletionChunkChoice:
+    """One choice delta of a stream chunk; `finish_reason` stays JSON null until the choice ends."""
+    return pb.ChatCompletionChunkChoice(
+        index=index,
+        delta=pb.ChatCompletionStreamResponseDelta(role=role, content=content),
+        finish_reason=NULL if finish_reason is None else struct_pb2.Value(string_value=finish_reason),
+    )
+
+
+def model_to_proto(entry: ModelEntry) -> models_pb2.Model:
+    """A registry entry as OpenAI's model object."""
+    return models_pb2.Model(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by)

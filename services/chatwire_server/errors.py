@@ -1,0 +1,71 @@
+"""Errors in OpenAI's shape, and their gRPC status codes: the one place where both are decided."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+
+class ChatwireError(Exception):
+    """An error the client should see: OpenAI's `message`, `type`, `param`, `code`, plus a gRPC status."""
+
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai_json(self) -> str:
+        """The OpenAI error body. ASCII-only, so it can travel as gRPC metadata."""
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":"))
+
+
+class InvalidRequestError(ChatwireError):
+    """The request is malformed or asks for something impossible (HTTP 400)."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(ChatwireError):
+    """No model has the requested id (HTTP 404)."""
+
+    status = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class ServiceUnavailableError(ChatwireError):
+    """The engine cannot serve right now (HTTP 503)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    error_type = "server_error"
+
+
+class InternalError(ChatwireError):
+    """A fault in the server (HTTP 500). The message never carries internals."""
+
+    status = grpc.StatusCode.INTERNAL
+    error_type = "server_error"
+
+
+# Trailing metadata key carrying the OpenAI error body; the Envoy edge turns it into the HTTP body.
+ERROR_METADATA_KEY = "x-chatwire-error"

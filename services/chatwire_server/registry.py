@@ -1,0 +1,87 @@
+"""The model registry: model id -> engine, from a TOML config file."""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatwire_server.engines.base import Engine
+from chatwire_server.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def _llama_cpp_engine(settings: dict[str, Any]) -> Engine:
+    # Imported here so that a config without this engine does not load llama.cpp.
+    from chatwire_server.engines.llama_cpp import LlamaCppEngine
+
+    return LlamaCppEngine.from_settings(settings)
+
+
+# Engine kinds a config file may name.
+ENGINE_FACTORIES: dict[str, Callable[[dict[str, Any]], Engine]] = {"llama_cpp": _llama_cpp_engine}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One served model."""
+
+    id: str
+    owned_by: str
+    created: int
+    engine: Engine
+
+
+class ModelRegistry:
+    """The models this server serves, each with its loaded engine."""
+
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self._entries = {entry.id: entry for entry in entries}
+
+    @classmethod
+    def from_config(cls, path: Path) -> ModelRegistry:
+        """Load every model listed in `path` (see config/models.toml for the format)."""
+        config = tomllib.loads(path.read_text())
+        entries = []
+        for model in config.get("models", []):
+            kind = model["engine"]
+            if kind not in ENGINE_FACTORIES:
+                raise ValueError(f"{path}: model {model['id']!r} names unknown engine {kind!r}")
+            started = time.monotonic()
+            engine = ENGINE_FACTORIES[kind](model.get("settings", {}))
+            log.info(
+                "model ready",
+                extra={"model": model["id"], "engine": kind, "load_s": round(time.monotonic() - started, 2)},
+            )
+            entries.append(
+                ModelEntry(
+                    id=model["id"],
+                    owned_by=model.get("owned_by", "chatwire"),
+                    created=int(model.get("created", time.time())),
+                    engine=engine,
+                )
+            )
+        if not entries:
+            raise ValueError(f"{path}: no [[models]] configured")
+        return cls(entries)
+
+    def get(self, model_id: str) -> ModelEntry:
+        """The entry for `model_id`, or `ModelNotFoundError`."""
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise ModelNotFoundError(model_id) from None
+
+    def all(self) -> list[ModelEntry]:
+        """Every entry, in config order."""
+        return list(self._entries.values())
+
+    async def close(self) -> None:
+        """Close every engine."""
+        for entry in self._entries.values():
+            await entry.engine.close()

@@ -1,0 +1,65 @@
+"""The gRPC server: ChatService, health, reflection, graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chatwire_server import logs
+from chatwire_server.registry import ModelRegistry
+from chatwire_server.servicer import ChatServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "models.toml"
+# How long in-flight requests may finish after SIGTERM before they are cancelled.
+SHUTDOWN_GRACE_S = 10.0
+
+
+async def serve(host: str, port: int, config: Path) -> None:
+    """Load the models, serve until SIGTERM/SIGINT, then drain."""
+    registry = await asyncio.to_thread(ModelRegistry.from_config, config)
+    server = grpc.aio.server()
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("serving", extra={"address": f"{host}:{bound}", "models": [e.id for e in registry.all()]})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down", extra={"grace_s": SHUTDOWN_GRACE_S})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(SHUTDOWN_GRACE_S)
+    await registry.close()
+    log.info("stopped")
+
+
+def main() -> None:
+    """Command line entry point: `python -m chatwire_server`."""
+    parser = argparse.ArgumentParser(description="chatwire gRPC chat completion server")
+    parser.add_argument("--host", default=os.environ.get("CHATWIRE_GRPC_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")))
+    parser.add_argument("--config", type=Path, default=Path(os.environ.get("CHATWIRE_CONFIG", DEFAULT_CONFIG)))
+    parser.add_argument("--log-level", default=os.environ.get("CHATWIRE_LOG_LEVEL", "INFO"))
+    args = parser.parse_args()
+    logs.configure(args.log_level)
+    asyncio.run(serve(args.host, args.port, args.config))

@@ -1,0 +1,173 @@
+"""The gRPC servicer: proto in, engine events out, proto back. Thin on purpose."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire.v1 import chat_service_pb2_grpc, models_pb2
+
+from chatwire_server import convert
+from chatwire_server.domain import ChatRequest, Finished, TextDelta
+from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
+from chatwire_server.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+# Request metadata the Envoy edge sets on streams it frames as SSE: end them with a sentinel chunk,
+# which the edge rewrites to `data: [DONE]`.
+SSE_METADATA_KEY = "x-chatwire-sse"
+SSE_DONE_SENTINEL = pb.CreateChatCompletionStreamResponse(object="chatwire.stream.done")
+
+Response = TypeVar("Response")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
+    """Fail the RPC with the error's status code and its OpenAI body as trailing metadata."""
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()),))
+    await context.abort(error.status, error.message)
+
+
+def _as_chatwire_error(exc: Exception, method: str) -> ChatwireError:
+    if isinstance(exc, ChatwireError):
+        return exc
+    log.exception("unexpected error", extra={"method": method})
+    return InternalError("The server had an error while processing your request.")
+
+
+def unary_errors(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Map every failure of a unary handler to a gRPC status with an OpenAI error body."""
+
+    @wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, _as_chatwire_error(exc, handler.__name__))
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return wrapper
+
+
+def stream_errors(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    """Map every failure of a streaming handler to a gRPC status with an OpenAI error body."""
+
+    @wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, _as_chatwire_error(exc, handler.__name__))
+
+    return wrapper
+
+
+class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
+    """Serves `chatwire.v1.ChatService` from a model registry."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    @unary_errors
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateChatCompletionResponse:
+        chat = convert.chat_request_from_proto(request)
+        engine = self._registry.get(chat.model).engine
+        choices = []
+        prompt_tokens = completion_tokens = 0
+        for index in range(chat.n):
+            text: list[str] = []
+            async with aclosing(engine.generate(chat, seed=_choice_seed(chat, index))) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                    else:
+                        choices.append(convert.choice_to_proto(index, "".join(text), event))
+                        prompt_tokens = event.prompt_tokens
+                        completion_tokens += event.completion_tokens
+        return pb.CreateChatCompletionResponse(
+            id=_completion_id(),
+            object="chat.completion",
+            created=int(time.time()),
+            model=chat.model,
+            choices=choices,
+            usage=convert.usage_to_proto(prompt_tokens, completion_tokens),
+        )
+
+    @stream_errors
+    async def StreamChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
+        chat = convert.chat_request_from_proto(request)
+        engine = self._registry.get(chat.model).engine
+        header = {
+            "id": _completion_id(),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": chat.model,
+        }
+
+        def chunk(*choices: pb.ChatCompletionChunkChoice) -> pb.CreateChatCompletionStreamResponse:
+            return pb.CreateChatCompletionStreamResponse(**header, choices=choices)
+
+        prompt_tokens = completion_tokens = 0
+        for index in range(chat.n):
+            # Closing the engine's stream, also when the client goes away, stops generation.
+            async with aclosing(engine.generate(chat, seed=_choice_seed(chat, index))) as events:
+                # Errors the engine finds before generating (context length) surface here, before
+                # any chunk is sent, so they still become a plain HTTP error.
+                event = await anext(events)
+                yield chunk(convert.chunk_choice(index, role="assistant", content=""))
+                while not isinstance(event, Finished):
+                    yield chunk(convert.chunk_choice(index, content=event.text))
+                    event = await anext(events)
+                yield chunk(convert.chunk_choice(index, finish_reason=event.finish_reason))
+                prompt_tokens = event.prompt_tokens
+                completion_tokens += event.completion_tokens
+        if chat.include_usage:
+            yield pb.CreateChatCompletionStreamResponse(
+                **header, usage=convert.usage_to_proto(prompt_tokens, completion_tokens)
+            )
+        if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":
+            yield SSE_DONE_SENTINEL
+
+    @unary_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
+        return models_pb2.ListModelsResponse(
+            object="list", data=[convert.model_to_proto(e) for e in self._registry.all()]
+        )
+
+    @unary_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.Model:
+        return convert.model_to_proto(self._registry.get(request.model))
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _choice_seed(chat: ChatRequest, index: int) -> int | None:
+    """Each choice gets its own seed derived from the request's, so `n` seeded choices differ."""
+    seed = chat.sampling.seed
+    return None if seed is None else seed + index

