@@ -25,7 +25,10 @@ help: ## List the targets
 run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.stack
 
-test: setup $(COMPOSE_SCHEMA) ## Run the whole suite (real Envoy, real model)
+test: setup $(BUF) $(COMPOSE_SCHEMA) ## Lint, then run the whole suite (real Envoy, real model)
+	$(BUF) lint
+	$(PY) -m ruff check services tests
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python

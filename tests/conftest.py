@@ -16,9 +16,10 @@ import grpc
 import jsonschema
 import openai
 import pytest
+from referencing import Registry, Resource
+
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import stack
-from referencing import Registry, Resource
 
 MODEL = "smollm2-135m-instruct"
 SPEC = json.loads((Path(__file__).parent / "spec" / "chat_completions_schemas.json").read_text())

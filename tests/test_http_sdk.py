@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+
 from conftest import MODEL, Stack, assert_valid, parse_sse
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 
-from chatwire.v1 import chat_completion_pb2 as pb
-from chatwire.v1 import models_pb2
 from google.protobuf import json_format, struct_pb2
 
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire.v1 import models_pb2
 from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams
 from chatwire_server.errors import InvalidRequestError
 from chatwire_server.registry import ModelEntry

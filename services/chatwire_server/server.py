@@ -10,10 +10,10 @@ import signal
 from pathlib import Path
 
 import grpc
-from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
 from chatwire_server import logs
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.servicer import ChatServicer

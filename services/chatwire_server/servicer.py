@@ -11,9 +11,9 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-
 from chatwire_server import convert
 from chatwire_server.domain import ChatRequest, Finished, TextDelta
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
@@ -117,15 +117,19 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
         chat = convert.chat_request_from_proto(request)
         engine = self._registry.get(chat.model).engine
-        header = {
-            "id": _completion_id(),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": chat.model,
-        }
+        completion_id, created = _completion_id(), int(time.time())
 
-        def chunk(*choices: pb.ChatCompletionChunkChoice) -> pb.CreateChatCompletionStreamResponse:
-            return pb.CreateChatCompletionStreamResponse(**header, choices=choices)
+        def chunk(
+            *choices: pb.ChatCompletionChunkChoice, usage: pb.CompletionUsage | None = None
+        ) -> pb.CreateChatCompletionStreamResponse:
+            return pb.CreateChatCompletionStreamResponse(
+                id=completion_id,
+                object="chat.completion.chunk",
+                created=created,
+                model=chat.model,
+                choices=choices,
+                usage=usage,
+            )
 
         prompt_tokens = completion_tokens = 0
         for index in range(chat.n):
@@ -142,9 +146,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 prompt_tokens = event.prompt_tokens
                 completion_tokens += event.completion_tokens
         if chat.include_usage:
-            yield pb.CreateChatCompletionStreamResponse(
-                **header, usage=convert.usage_to_proto(prompt_tokens, completion_tokens)
-            )
+            yield chunk(usage=convert.usage_to_proto(prompt_tokens, completion_tokens))
         if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":
             yield SSE_DONE_SENTINEL
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from chatwire_server.domain import ChatRequest, EngineEvent
@@ -15,7 +15,7 @@ class Engine(Protocol):
     client went away) must stop generation at the next token.
     """
 
-    def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncIterator[EngineEvent]:
+    def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncGenerator[EngineEvent, None]:
         """Generate one choice; `seed` overrides `request.sampling.seed` (distinct per choice)."""
         ...
 

@@ -12,9 +12,10 @@ import concurrent.futures
 import importlib.util
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -73,10 +74,11 @@ class LlamaCppEngine:
 
     def tokenize_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Render the conversation with the model's chat template and tokenize it."""
-        rendered = self._formatter(messages=[_template_message(m) for m in messages])
+        # The formatter's type hints name OpenAI's TypedDicts; plain dicts are what it reads.
+        rendered = self._formatter(messages=cast(Any, [_template_message(m) for m in messages]))
         return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
-    async def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncIterator[EngineEvent]:
+    async def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncGenerator[EngineEvent, None]:
         """Generate one choice, streaming text as it is decoded."""
         prompt = self.tokenize_prompt(request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
@@ -152,8 +154,10 @@ class LlamaCppEngine:
                 frequency_penalty=sampling.frequency_penalty,
                 presence_penalty=sampling.presence_penalty,
             )
+            started = time.monotonic()
             for token in tokens:
                 if cancelled.is_set():
+                    log.info("generation cancelled", extra={"completion_tokens": generated})
                     return
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish_reason = "stop"
@@ -176,6 +180,16 @@ class LlamaCppEngine:
                     rest += stops.flush()
                 if rest:
                     emit(TextDelta(rest))
+            elapsed = time.monotonic() - started
+            log.info(
+                "generation finished",
+                extra={
+                    "finish_reason": finish_reason,
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": generated,
+                    "tokens_per_s": round(generated / elapsed, 1) if elapsed > 0 else None,
+                },
+            )
             emit(Finished(finish_reason, prompt_tokens=len(prompt), completion_tokens=generated))
         except Exception as exc:  # surfaced to the awaiting request, which maps it to an error
             emit(exc)

