@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -62,4 +63,8 @@ def main() -> None:
     parser.add_argument("--log-level", default=os.environ.get("CHATWIRE_LOG_LEVEL", "INFO"))
     args = parser.parse_args()
     logs.configure(args.log_level)
-    asyncio.run(serve(args.host, args.port, args.config))
+    try:
+        asyncio.run(serve(args.host, args.port, args.config))
+    except (OSError, ValueError, KeyError) as exc:  # a bad config or model file: say so, no traceback
+        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}", "config": str(args.config)})
+        sys.exit(2)

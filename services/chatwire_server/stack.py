@@ -74,10 +74,14 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def server_command(port: int, config: Path = DEFAULT_CONFIG) -> list[str]:
+    """The command line of the gRPC server on 127.0.0.1:`port`."""
+    return [sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)]
+
+
 def start_server(port: int, log: IO[bytes], *, config: Path = DEFAULT_CONFIG) -> subprocess.Popen[bytes]:
     """Start the gRPC server on 127.0.0.1:`port`."""
-    cmd = [sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)]
-    return subprocess.Popen(cmd, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(server_command(port, config), env=python_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_envoy(config_path: Path, base_id: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
