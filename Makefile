@@ -27,15 +27,18 @@ run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1
 
 test: setup $(BUF) $(COMPOSE_SCHEMA) ## Lint, then run the whole suite (real Envoy, real model)
 	$(BUF) lint
-	$(PY) -m ruff check services tests
+	$(PY) -m ruff check services tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(BUF) lint
-	$(PY) -m ruff check services tests
-	$(PY) -m ruff format --check services tests
+	$(PY) -m ruff check services tests bench
+	$(PY) -m ruff format --check services tests bench
 	$(PY) -m mypy
+
+bench: setup ## Time a 200-token streamed reply through Envoy (single stream)
+	$(PY) bench/stream_speed.py
 
 proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
 
