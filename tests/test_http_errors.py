@@ -50,13 +50,26 @@ def test_malformed_json_is_400(chatwire: Stack, body: str) -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("n", "abc"), ("temperature", "hot"), ("messages", "hello"), ("max_tokens", 1.5), ("stream", "yes")],
+    [
+        ("n", "abc"),
+        ("temperature", "hot"),
+        ("messages", "hello"),
+        ("max_tokens", 1.5),
+        ("stream", "yes"),
+        ("seed", 1e30),
+    ],
 )
-def test_wrong_types_are_400(chatwire: Stack, field: str, value: object) -> None:
+def test_wrong_types_are_400_naming_the_field(chatwire: Stack, field: str, value: object) -> None:
     body: dict[str, object] = {"model": MODEL, "messages": USER, field: value}
     error = error_of(post(chatwire, body), 400)
     assert error["type"] == "invalid_request_error"
+    assert error["param"] == field and error["code"] == "invalid_type"
     assert field in str(error["message"])
+
+
+def test_nested_wrong_type_names_the_nested_field(chatwire: Stack) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": 1, "content": "y"}]}
+    assert error_of(post(chatwire, body), 400)["param"] == "messages[1].role"
 
 
 @pytest.mark.parametrize(
