@@ -135,3 +135,43 @@ def test_unknown_model_retrieve_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"
+
+
+def test_parameters_without_effect_here_are_accepted(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=4,
+        metadata={"team": "chatwire"},
+        store=False,
+        user="user-1",
+        safety_identifier="safety-1",
+        prompt_cache_key="greeting",
+        service_tier="auto",
+        verbosity="low",
+        reasoning_effort="low",
+        parallel_tool_calls=True,
+        modalities=["text"],
+        response_format={"type": "text"},
+        temperature=None,
+        stop=None,
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
+    assert completion.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("logprobs", True),
+        ("logit_bias", {"42": 10}),
+        ("response_format", {"type": "json_object"}),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+    ],
+)
+def test_unimplemented_parameters_are_refused_not_ignored(client: openai.OpenAI, param: str, value: object) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, **{param: value})  # type: ignore[call-overload]
+    assert caught.value.code == "unsupported_parameter"
+    assert str(caught.value.param).split(".")[0] == param

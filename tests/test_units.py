@@ -65,3 +65,53 @@ def test_validator_rejects_what_the_spec_forbids() -> None:
     ):
         with pytest.raises(AssertionError):
             assert_valid(broken, "CreateChatCompletionResponse")
+
+
+def _spec_properties(name: str) -> set[str]:
+    """Every property of a spec schema, following allOf/oneOf/anyOf branches."""
+    from conftest import SPEC
+
+    def walk(schema: dict[str, object]) -> set[str]:
+        if "$ref" in schema:
+            return walk(SPEC["definitions"][str(schema["$ref"]).rsplit("/", 1)[-1]])
+        found = set(schema.get("properties", {}))  # type: ignore[arg-type]
+        for key in ("allOf", "oneOf", "anyOf"):
+            for branch in schema.get(key, []):  # type: ignore[attr-defined]
+                found |= walk(branch)
+        return found
+
+    return walk(SPEC["definitions"][name])
+
+
+@pytest.mark.parametrize(
+    "spec_schema, proto_message",
+    [
+        ("CreateChatCompletionRequest", "CreateChatCompletionRequest"),
+        ("ChatCompletionRequestMessage", "ChatCompletionRequestMessage"),
+        ("ChatCompletionRequestUserMessageContentPart", "ChatCompletionRequestMessageContentPart"),
+        ("ChatCompletionRequestAssistantMessageContentPart", "ChatCompletionRequestMessageContentPart"),
+        ("ChatCompletionTool", "ChatCompletionTool"),
+        ("FunctionObject", "FunctionObject"),
+        ("ResponseFormatJsonSchema", "ResponseFormat"),
+        ("ChatCompletionStreamOptions", "StreamOptions"),
+        ("CreateChatCompletionResponse", "CreateChatCompletionResponse"),
+        ("CreateChatCompletionStreamResponse", "CreateChatCompletionStreamResponse"),
+        ("ChatCompletionResponseMessage", "ChatCompletionResponseMessage"),
+        ("ChatCompletionStreamResponseDelta", "ChatCompletionStreamResponseDelta"),
+        ("CompletionUsage", "CompletionUsage"),
+        ("ChatCompletionTokenLogprob", "ChatCompletionTokenLogprob"),
+        ("Error", "Error"),
+    ],
+)
+def test_proto_has_every_spec_property(spec_schema: str, proto_message: str) -> None:
+    """Envoy drops unknown JSON keys silently, so a property missing from the proto would be ignored."""
+    from chatwire.v1 import chat_completion_pb2, error_pb2
+
+    # Response-only keys the server never sends (nothing to mirror yet) are listed, not silently skipped.
+    not_sent = {"metadata", "moderation", "audio"}
+    descriptor = getattr(chat_completion_pb2, proto_message, None) or getattr(error_pb2, proto_message)
+    fields = set(descriptor.DESCRIPTOR.fields_by_name)
+    missing = _spec_properties(spec_schema) - fields
+    if spec_schema.startswith(("CreateChatCompletionResponse", "CreateChatCompletionStream", "ChatCompletionResponse")):
+        missing -= not_sent
+    assert not missing, f"{proto_message} lacks {sorted(missing)}"
