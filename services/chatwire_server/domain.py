@@ -58,7 +58,6 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0
 
 
 EngineEvent = TextDelta | Finished
