@@ -11,7 +11,7 @@ from google.protobuf import json_format, struct_pb2
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
-from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams
+from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TokenLogprob
 from chatwire_server.errors import InvalidRequestError
 from chatwire_server.registry import ModelEntry
 
@@ -28,6 +28,7 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
             "'messages' must be a non-empty array of messages", param="messages", code="empty_array"
         )
     _reject_unsupported(request)
+    _check_accepted_fields(request)
     messages = tuple(_message_from_proto(i, m) for i, m in enumerate(request.messages))
     return ChatRequest(
         model=request.model,
@@ -35,7 +36,56 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
         sampling=_sampling_from_proto(request),
         n=_int_in_range(request, "n", 1, 128, default=1),
         include_usage=request.stream_options.include_usage,
+        top_logprobs=_top_logprobs(request),
     )
+
+
+def _top_logprobs(request: pb.CreateChatCompletionRequest) -> int | None:
+    top = _int_in_range(request, "top_logprobs", 0, 20, default=0)
+    if request.HasField("top_logprobs") and not request.logprobs:
+        raise InvalidRequestError(
+            "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs", code="invalid_value"
+        )
+    return top if request.logprobs else None
+
+
+# Enumerated string fields: accepted values (OpenAI's), validated even where they change nothing here.
+ENUMS = {
+    "service_tier": ("auto", "default", "flex", "scale", "priority", "fast"),
+    "reasoning_effort": ("none", "minimal", "low", "medium", "high", "xhigh", "max"),
+    "verbosity": ("low", "medium", "high"),
+    "prompt_cache_retention": ("in_memory", "24h"),
+}
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+SAFETY_IDENTIFIER_MAX = 64
+
+
+def _check_accepted_fields(request: pb.CreateChatCompletionRequest) -> None:
+    """Fields that do not steer generation here are still checked against OpenAI's types and limits."""
+    for name, allowed in ENUMS.items():
+        if request.HasField(name) and getattr(request, name) not in allowed:
+            raise InvalidRequestError(
+                f"Invalid value for '{name}': expected one of {', '.join(allowed)}; got '{getattr(request, name)}'.",
+                param=name,
+                code="invalid_value",
+            )
+    if len(request.metadata) > METADATA_MAX_PAIRS:
+        raise InvalidRequestError(
+            f"'metadata' may hold at most {METADATA_MAX_PAIRS} pairs.", param="metadata", code="invalid_value"
+        )
+    for key, value in request.metadata.items():
+        if len(key) > METADATA_MAX_KEY or len(value) > METADATA_MAX_VALUE:
+            raise InvalidRequestError(
+                f"'metadata' keys are at most {METADATA_MAX_KEY} characters and values at most {METADATA_MAX_VALUE}.",
+                param=f"metadata.{key[:METADATA_MAX_KEY]}",
+                code="invalid_value",
+            )
+    if len(request.safety_identifier) > SAFETY_IDENTIFIER_MAX:
+        raise InvalidRequestError(
+            f"'safety_identifier' is at most {SAFETY_IDENTIFIER_MAX} characters.",
+            param="safety_identifier",
+            code="invalid_value",
+        )
 
 
 def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
@@ -43,8 +93,6 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
     unsupported = {
         "tools": len(request.tools) > 0,
         "functions": len(request.functions) > 0,
-        "logit_bias": len(request.logit_bias) > 0,
-        "logprobs": request.logprobs,
         "audio": request.HasField("audio"),
         "prediction": request.HasField("prediction"),
         "web_search_options": request.HasField("web_search_options"),
@@ -55,10 +103,6 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
             raise InvalidRequestError(
                 f"'{param}' is not supported by this server yet.", param=param, code="unsupported_parameter"
             )
-    if request.HasField("top_logprobs") and not request.logprobs:
-        raise InvalidRequestError(
-            "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs", code="invalid_value"
-        )
     if request.response_format.type not in ("", "text"):
         raise InvalidRequestError(
             f"response_format type '{request.response_format.type}' is not supported by this server yet.",
@@ -161,8 +205,28 @@ def _sampling_from_proto(request: pb.CreateChatCompletionRequest) -> SamplingPar
         stop=_stop_sequences(request.stop),
         frequency_penalty=_float_in_range(request, "frequency_penalty", -2.0, 2.0, default=0.0),
         presence_penalty=_float_in_range(request, "presence_penalty", -2.0, 2.0, default=0.0),
+        logit_bias=_logit_bias(request),
         repetition_penalty=_float_in_range(request, "repetition_penalty", 0.0, 10.0, default=1.0, open_low=True),
     )
+
+
+def _logit_bias(request: pb.CreateChatCompletionRequest) -> dict[int, float]:
+    biases = {}
+    for key, bias in request.logit_bias.items():
+        if not key.strip().lstrip("-").isdigit():
+            raise InvalidRequestError(
+                f"Invalid key in 'logit_bias': '{key}' is not a token id (an integer).",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if not -100 <= bias <= 100:
+            raise InvalidRequestError(
+                f"Invalid value in 'logit_bias' for token {key}: {bias}; it must be between -100 and 100.",
+                param=f"logit_bias.{key}",
+                code="invalid_value",
+            )
+        biases[int(key)] = float(bias)
+    return biases
 
 
 def _float_in_range(
@@ -229,36 +293,66 @@ def _stop_sequences(stop: struct_pb2.Value) -> tuple[str, ...]:
 NULL = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
 
 
-def usage_to_proto(prompt_tokens: int, completion_tokens: int) -> pb.CompletionUsage:
-    """Token counts; the prompt is counted once however many choices were generated."""
+def usage_to_proto(finished: list[Finished]) -> pb.CompletionUsage:
+    """Token counts of all choices; the prompt is counted once however many choices were generated."""
+    prompt_tokens = finished[0].prompt_tokens if finished else 0
+    completion_tokens = sum(f.completion_tokens for f in finished)
     return pb.CompletionUsage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=finished[0].cached_tokens if finished else 0),
+        # This model does not reason: every generated token is answer text.
+        completion_tokens_details=pb.CompletionTokensDetails(reasoning_tokens=0),
     )
 
 
-def choice_to_proto(index: int, text: str, finished: Finished) -> pb.ChatCompletionChoice:
-    """One choice of a whole completion."""
+def choice_to_proto(text: str, logprobs: list[TokenLogprob] | None, finished: Finished) -> pb.ChatCompletionChoice:
+    """One choice of a whole completion; `logprobs` is None when they were not requested."""
     return pb.ChatCompletionChoice(
-        index=index,
+        index=finished.index,
         message=pb.ChatCompletionResponseMessage(
             role="assistant", content=struct_pb2.Value(string_value=text), refusal=NULL
         ),
         finish_reason=finished.finish_reason,
-        logprobs=NULL,
+        logprobs=NULL
+        if logprobs is None
+        else json_format.ParseDict(
+            {"content": [_token_logprob(t) for t in logprobs], "refusal": None}, struct_pb2.Value()
+        ),
     )
 
 
 def chunk_choice(
-    index: int, *, role: str | None = None, content: str | None = None, finish_reason: str | None = None
+    index: int,
+    *,
+    role: str | None = None,
+    content: str | None = None,
+    logprobs: tuple[TokenLogprob, ...] = (),
+    finish_reason: str | None = None,
 ) -> pb.ChatCompletionChunkChoice:
     """One choice delta of a stream chunk; `finish_reason` stays JSON null until the choice ends."""
-    return pb.ChatCompletionChunkChoice(
+    choice = pb.ChatCompletionChunkChoice(
         index=index,
         delta=pb.ChatCompletionStreamResponseDelta(role=role, content=content),
         finish_reason=NULL if finish_reason is None else struct_pb2.Value(string_value=finish_reason),
     )
+    if logprobs:
+        json_format.ParseDict({"content": [_token_logprob(t) for t in logprobs]}, choice.logprobs)
+    return choice
+
+
+def _token_logprob(token: TokenLogprob) -> dict[str, object]:
+    """OpenAI's `ChatCompletionTokenLogprob`: the token as text and as its UTF-8 bytes."""
+    return {
+        "token": token.piece.decode("utf-8", errors="replace"),
+        "logprob": token.logprob,
+        "bytes": list(token.piece),
+        "top_logprobs": [
+            {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+            for piece, logprob in token.top
+        ],
+    }
 
 
 def model_to_proto(entry: ModelEntry) -> models_pb2.Model:

@@ -31,6 +31,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Token id -> bias added to its logit; -100 bans the token, +100 all but forces it.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,38 @@ class ChatRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     include_usage: bool = False
+    # How many alternatives to report per token when logprobs are requested; None when they are not.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a generated token, and the most likely tokens at its position."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """The next piece of generated text."""
+    """The next piece of one choice's text, with the logprobs of the token(s) it came from."""
 
+    index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
     """The end of one choice, with its exact token counts."""
 
+    index: int
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens whose KV cells were reused from an earlier request.
+    cached_tokens: int = 0
 
 
 EngineEvent = TextDelta | Finished

@@ -53,6 +53,13 @@ class ModelNotFoundError(ChatwireError):
         )
 
 
+class RateLimitError(ChatwireError):
+    """The server is at capacity (HTTP 429); the client should retry later."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+
+
 class ServiceUnavailableError(ChatwireError):
     """The engine cannot serve right now (HTTP 503)."""
 

@@ -15,7 +15,7 @@ import grpc
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
 from chatwire_server import convert
-from chatwire_server.domain import ChatRequest, Finished, TextDelta
+from chatwire_server.domain import Finished, TextDelta, TokenLogprob
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
 from chatwire_server.registry import ModelRegistry
 
@@ -90,25 +90,28 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     ) -> pb.CreateChatCompletionResponse:
         chat = convert.chat_request_from_proto(request)
         engine = self._registry.get(chat.model).engine
-        choices = []
-        prompt_tokens = completion_tokens = 0
-        for index in range(chat.n):
-            text: list[str] = []
-            async with aclosing(engine.generate(chat, seed=_choice_seed(chat, index))) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        text.append(event.text)
-                    else:
-                        choices.append(convert.choice_to_proto(index, "".join(text), event))
-                        prompt_tokens = event.prompt_tokens
-                        completion_tokens += event.completion_tokens
+        texts: list[list[str]] = [[] for _ in range(chat.n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(chat.n)]
+        finished: list[Finished] = []
+        async with aclosing(engine.generate(chat)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    texts[event.index].append(event.text)
+                    logprobs[event.index].extend(event.logprobs)
+                else:
+                    finished.append(event)
+        finished.sort(key=lambda f: f.index)
+        wants_logprobs = chat.top_logprobs is not None
         return pb.CreateChatCompletionResponse(
             id=_completion_id(),
             object="chat.completion",
             created=int(time.time()),
             model=chat.model,
-            choices=choices,
-            usage=convert.usage_to_proto(prompt_tokens, completion_tokens),
+            choices=[
+                convert.choice_to_proto("".join(texts[f.index]), logprobs[f.index] if wants_logprobs else None, f)
+                for f in finished
+            ],
+            usage=convert.usage_to_proto(finished),
         )
 
     @stream_errors
@@ -131,22 +134,23 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 usage=usage,
             )
 
-        prompt_tokens = completion_tokens = 0
-        for index in range(chat.n):
-            # Closing the engine's stream, also when the client goes away, stops generation.
-            async with aclosing(engine.generate(chat, seed=_choice_seed(chat, index))) as events:
-                # Errors the engine finds before generating (context length) surface here, before
-                # any chunk is sent, so they still become a plain HTTP error.
-                event = await anext(events)
-                yield chunk(convert.chunk_choice(index, role="assistant", content=""))
-                while not isinstance(event, Finished):
-                    yield chunk(convert.chunk_choice(index, content=event.text))
-                    event = await anext(events)
-                yield chunk(convert.chunk_choice(index, finish_reason=event.finish_reason))
-                prompt_tokens = event.prompt_tokens
-                completion_tokens += event.completion_tokens
+        finished: list[Finished] = []
+        # Closing the engine's stream, also when the client goes away, stops generation. Errors the engine
+        # finds before generating (context length, a full queue) come before any chunk: a plain HTTP error.
+        async with aclosing(engine.generate(chat)) as events:
+            started = False
+            async for event in events:
+                if not started:
+                    # Every choice opens with the assistant role, as OpenAI streams it.
+                    yield chunk(*(convert.chunk_choice(i, role="assistant", content="") for i in range(chat.n)))
+                    started = True
+                if isinstance(event, TextDelta):
+                    yield chunk(convert.chunk_choice(event.index, content=event.text, logprobs=event.logprobs))
+                else:
+                    finished.append(event)
+                    yield chunk(convert.chunk_choice(event.index, finish_reason=event.finish_reason))
         if chat.include_usage:
-            yield chunk(usage=convert.usage_to_proto(prompt_tokens, completion_tokens))
+            yield chunk(usage=convert.usage_to_proto(finished))
         if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":
             yield SSE_DONE_SENTINEL
 
@@ -167,9 +171,3 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
 
 def _completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def _choice_seed(chat: ChatRequest, index: int) -> int | None:
-    """Each choice gets its own seed derived from the request's, so `n` seeded choices differ."""
-    seed = chat.sampling.seed
-    return None if seed is None else seed + index

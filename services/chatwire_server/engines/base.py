@@ -9,14 +9,14 @@ from chatwire_server.domain import ChatRequest, EngineEvent
 
 
 class Engine(Protocol):
-    """Generates one choice of a chat completion.
+    """Generates the choices of a chat completion.
 
-    `generate` yields `TextDelta`s and ends with exactly one `Finished`. Closing the iterator early (the
-    client went away) must stop generation at the next token.
+    `generate` yields `TextDelta`s and one `Finished` per choice (`request.n` of them), interleaved as the
+    choices progress. Closing the generator early (the client went away) must stop generation promptly.
     """
 
-    def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncGenerator[EngineEvent, None]:
-        """Generate one choice; `seed` overrides `request.sampling.seed` (distinct per choice)."""
+    def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
+        """Generate every choice of `request`."""
         ...
 
     def context_length(self) -> int:

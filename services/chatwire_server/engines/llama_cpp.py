@@ -1,33 +1,69 @@
-"""The embedded engine: a GGUF model run in-process by llama.cpp (llama-cpp-python).
+"""The embedded engine: a GGUF model run in-process by llama.cpp, with continuous batching.
 
-One llama.cpp context serves one sequence at a time: every call into llama.cpp happens on a single
-worker thread, so requests queue in order and the asyncio loop never blocks on the model.
+Every request becomes one job of `n` sequences. A single scheduler thread owns the llama.cpp context and
+runs a loop of steps; each step builds one batch holding the next token of every running sequence plus a
+bounded chunk of prompt tokens from jobs still in prefill, decodes it once, and samples every sequence with
+its own sampler chain. Jobs join and leave between steps. An `n > 1` job evaluates its prompt once and copies
+the prompt's KV cells to its other sequences. Finished sequences leave their KV cells behind as a prefix cache
+that the next job with the same prompt prefix reuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import concurrent.futures
+import collections
+import ctypes
 import importlib.util
 import logging
+import os
 import threading
-import time
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
+import numpy as np
+from llama_cpp import _logger as llama_cpp_logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from chatwire_server.domain import ChatMessage, ChatRequest, EngineEvent, Finished, SamplingParams, TextDelta
-from chatwire_server.errors import InvalidRequestError
+from chatwire_server.domain import (
+    ChatMessage,
+    ChatRequest,
+    EngineEvent,
+    Finished,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
+from chatwire_server.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from chatwire_server.text import StopMatcher
 
 log = logging.getLogger(__name__)
 
-# llama.cpp seeds are 32-bit; this value asks it for a random seed.
-_RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Tuning of the batching engine; each is a key of a model's `settings` table."""
+
+    # KV cells shared by all sequences (unified cache); bounds the total tokens in flight and cached.
+    kv_cells: int = 32768
+    # Longest prompt + completion of one request; defaults to the model's training context.
+    max_context: int | None = None
+    # Sequences decoding at once (all requests' choices together); more wait in the queue.
+    max_sequences: int = 128
+    # Requests waiting for admission before new ones get a 429.
+    max_queued_requests: int = 64
+    # Prompt tokens evaluated per step while other sequences decode: bounds how long a long prompt stalls them.
+    prefill_chunk: int = 128
+    # llama.cpp threads; None means one per core.
+    n_threads: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
+        known = {k: settings[k] for k in cls.__dataclass_fields__ if k in settings}
+        return cls(**known)
 
 
 def resolve_model_path(settings: dict[str, Any]) -> Path:
@@ -42,157 +78,512 @@ def resolve_model_path(settings: dict[str, Any]) -> Path:
     return Path(spec.submodule_search_locations[0]) / settings["model_file"]
 
 
-class LlamaCppEngine:
-    """Runs a chat model from a GGUF file, with the chat template stored in the GGUF."""
+@dataclass
+class _Job:
+    """One request: `n` choices over one prompt. Touched by the scheduler thread only, except `cancelled`."""
 
-    def __init__(self, model_path: Path, *, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+    prompt: list[int]
+    n: int
+    sampling: SamplingParams
+    top_logprobs: int | None
+    budget: int
+    emit: Callable[[EngineEvent | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Filled at admission.
+    # Sequence ids still held (a finished choice gives its id back).
+    seq_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    prefill_pos: int = 0
+
+
+@dataclass
+class _Sequence:
+    """One choice being decoded."""
+
+    job: _Job
+    index: int
+    seq_id: int
+    sampler: Any
+    stops: StopMatcher
+    utf8: codecs.IncrementalDecoder
+    # Position of `next_token`, the sampled token not yet decoded.
+    pos: int
+    generated: int = 0
+    next_token: int = -1
+    tokens: list[int] = field(default_factory=list)
+    stopped: bool = False
+    done: bool = False
+
+
+class LlamaCppEngine:
+    """Serves a chat model from a GGUF file with continuous batching and prefix reuse."""
+
+    def __init__(self, model_path: Path, settings: EngineSettings = EngineSettings()) -> None:
         if not model_path.is_file():
             raise FileNotFoundError(f"model file not found: {model_path}")
-        self._llama = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
-        model = self._llama._model
+        llama_cpp.llama_backend_init()
+        llama_cpp_logger.set_verbose(False)  # llama.cpp's own chatter only for errors
+        model_params = llama_cpp.llama_model_default_params()
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        self._max_context = min(settings.max_context or train_ctx, settings.kv_cells)
+        self._settings = settings
+
+        threads = settings.n_threads or os.cpu_count() or 1
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = settings.kv_cells
+        ctx_params.n_batch = max(settings.prefill_chunk + settings.max_sequences, 512)
+        ctx_params.n_ubatch = ctx_params.n_batch
+        ctx_params.n_seq_max = settings.max_sequences
+        ctx_params.kv_unified = True  # sequences share cells: copied prompts and cached prefixes cost nothing
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            raise ValueError("llama.cpp could not create a context")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(ctx_params.n_batch, 0, 1)
+        self._batch_capacity = int(ctx_params.n_batch)
+
+        self._pieces: dict[int, bytes] = {}
         self._formatter = Jinja2ChatFormatter(
-            template=self._llama.metadata["tokenizer.chat_template"],
-            eos_token=model.token_get_text(self._llama.token_eos()),
-            bos_token=model.token_get_text(self._llama.token_bos()),
+            template=self._metadata("tokenizer.chat_template"),
+            eos_token=self._piece(llama_cpp.llama_vocab_eos(self._vocab), special=True).decode(),
+            bos_token=self._piece(llama_cpp.llama_vocab_bos(self._vocab), special=True).decode(),
         )
-        # The one thread that touches llama.cpp.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
-        log.info("model loaded", extra={"model_path": str(model_path), "n_ctx": self._llama.n_ctx()})
+
+        # Scheduler state: `_lock` guards the queue and the shutdown flag; the rest is the thread's alone.
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._closing = False
+        self._prefilling: list[_Job] = []
+        self._running: list[_Sequence] = []
+        self._free_seq_ids = list(range(settings.max_sequences))
+        # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> tokens, oldest first.
+        self._prefix_cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
+        self._thread.start()
+        log.info(
+            "model loaded",
+            extra={
+                "model_path": str(model_path),
+                "max_context": self._max_context,
+                "kv_cells": settings.kv_cells,
+                "max_sequences": settings.max_sequences,
+                "threads": threads,
+            },
+        )
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> LlamaCppEngine:
         """Build from a model entry's `settings` table in the model config file."""
-        return cls(
-            resolve_model_path(settings),
-            n_ctx=int(settings.get("n_ctx", 8192)),
-            n_threads=settings.get("n_threads"),
-        )
+        return cls(resolve_model_path(settings), EngineSettings.from_settings(settings))
+
+    # --- the asyncio side ---------------------------------------------------------------------------
 
     def context_length(self) -> int:
-        """The context window in tokens."""
-        return int(self._llama.n_ctx())
+        """The longest prompt + completion of one request, in tokens."""
+        return self._max_context
 
     def tokenize_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Render the conversation with the model's chat template and tokenize it."""
         # The formatter's type hints name OpenAI's TypedDicts; plain dicts are what it reads.
         rendered = self._formatter(messages=cast(Any, [_template_message(m) for m in messages]))
-        return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        return self.tokenize(rendered.prompt, add_special=not rendered.added_special)
 
-    async def generate(self, request: ChatRequest, *, seed: int | None) -> AsyncGenerator[EngineEvent, None]:
-        """Generate one choice, streaming text as it is decoded."""
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Tokens of `text`, special tokens parsed (thread-safe: the vocabulary is read-only)."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        if count < 0:
+            raise ValueError("tokenization overflow")
+        return list(tokens[:count])
+
+    async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
+        """Generate all `request.n` choices, yielding their events interleaved as they are decoded."""
         prompt = self.tokenize_prompt(request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(event: EngineEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = loop.run_in_executor(self._worker, self._decode, prompt, budget, request.sampling, seed, emit, cancelled)
+        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, emit)
+        self._submit(job)
+        finished = 0
         try:
-            while True:
+            while finished < request.n:
                 event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
+                finished += isinstance(event, Finished)
                 yield event
-                if isinstance(event, Finished):
-                    return
         finally:
-            # The client went away or the choice ended: the worker stops at its next token.
-            cancelled.set()
-            job.add_done_callback(_log_job_failure)
+            # Finished, failed, or the client went away: the scheduler frees what is left at its next step.
+            job.cancelled.set()
+            with self._lock:
+                self._lock.notify()
 
-    async def close(self) -> None:
-        """Let the running generation notice cancellation, then free the model."""
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._llama.close)
-        self._worker.shutdown(wait=False)
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._closing:
+                raise ServiceUnavailableError("The engine is shutting down.")
+            if len(self._queue) >= self._settings.max_queued_requests:
+                raise RateLimitError(
+                    "The server is at capacity: too many requests are waiting. Retry shortly.",
+                    code="rate_limit_exceeded",
+                )
+            if job.n > self._settings.max_sequences:
+                raise InvalidRequestError(
+                    f"This server decodes at most {self._settings.max_sequences} sequences at once; 'n' is {job.n}.",
+                    param="n",
+                    code="invalid_value",
+                )
+            self._queue.append(job)
+            self._lock.notify()
 
     def _completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """How many tokens may be generated; a prompt that leaves no room is the client's error."""
-        n_ctx = self.context_length()
+        limit = self._max_context
         requested = prompt_tokens + (max_tokens or 1)
-        if requested > n_ctx:
+        if requested > limit:
             raise InvalidRequestError(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{requested} tokens ({prompt_tokens} in the messages, {max_tokens or 1} in the "
                 "completion). Please reduce the length of the messages or completion.",
                 param="messages",
                 code="context_length_exceeded",
             )
-        room = n_ctx - prompt_tokens
+        room = limit - prompt_tokens
         return min(max_tokens, room) if max_tokens is not None else room
 
-    def _decode(
-        self,
-        prompt: list[int],
-        budget: int,
-        sampling: SamplingParams,
-        seed: int | None,
-        emit: Callable[[EngineEvent | BaseException], None],
-        cancelled: threading.Event,
-    ) -> None:
-        """Worker thread: sample up to `budget` tokens, emitting text and then one `Finished`."""
-        if cancelled.is_set():
+    async def close(self) -> None:
+        """Stop the scheduler (running jobs end with an error) and free llama.cpp."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        await asyncio.to_thread(self._thread.join)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)
+
+    # --- the scheduler thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closing or self._queue or self._prefilling or self._running):
+                    self._lock.wait()
+                if self._closing:
+                    break
+            try:
+                self._step()
+            except Exception as exc:  # a fault in llama.cpp or here: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                for job in self._jobs_in_flight():
+                    job.emit(exc)
+                    self._release(job)
+        for job in [*self._jobs_in_flight(), *self._queue]:
+            job.emit(ServiceUnavailableError("The engine shut down before the request finished."))
+
+    def _jobs_in_flight(self) -> list[_Job]:
+        jobs = {id(s.job): s.job for s in self._running}
+        jobs.update({id(j): j for j in self._prefilling})
+        return list(jobs.values())
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        rows: list[tuple[_Sequence | _Job, int]] = []  # which sequence or finished prefill each logits row serves
+        n = 0
+        for seq in self._running:
+            n = self._add_token(n, seq.next_token, seq.pos, seq.seq_id, logits=True)
+            seq.pos += 1
+            rows.append((seq, n - 1))
+        room = min(self._settings.prefill_chunk, self._batch_capacity - n)
+        for job in self._prefilling:
+            if room <= 0:
+                break
+            end = min(len(job.prompt), job.prefill_pos + room)
+            for pos in range(job.prefill_pos, end):
+                n = self._add_token(n, job.prompt[pos], pos, job.seq_ids[0], logits=pos == len(job.prompt) - 1)
+            room -= end - job.prefill_pos
+            job.prefill_pos = end
+            if end == len(job.prompt):
+                rows.append((job, n - 1))
+        if n == 0:
             return
-        try:
-            llama = self._llama
-            vocab = llama._model.vocab
-            llama.set_seed(seed % 2**32 if seed is not None else _RANDOM_SEED)
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stops = StopMatcher(sampling.stop)
-            generated = 0
-            finish_reason = "length"
-            hit_stop = False
-            tokens = llama.generate(
-                prompt,
-                temp=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                repeat_penalty=sampling.repetition_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                presence_penalty=sampling.presence_penalty,
-            )
-            started = time.monotonic()
-            for token in tokens:
-                if cancelled.is_set():
-                    log.info("generation cancelled", extra={"completion_tokens": generated})
+        self._batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        for owner, row in rows:
+            if isinstance(owner, _Job):
+                self._start_decoding(owner, row)
+            else:
+                self._sample(owner, row)
+        self._running = [s for s in self._running if not s.done]
+        self._make_room_to_grow()
+
+    def _add_token(self, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
+        batch = self._batch
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _drop_cancelled(self) -> None:
+        for job in self._jobs_in_flight():
+            if job.cancelled.is_set():
+                generated = sum(s.generated for s in self._running if s.job is job)
+                log.info("generation cancelled", extra={"completion_tokens": generated})
+                self._release(job)
+        with self._lock:
+            for job in [j for j in self._queue if j.cancelled.is_set()]:
+                self._queue.remove(job)
+
+    # KV cells: every live sequence position and every cached prefix holds one. A copied prompt is
+    # shared, so a job holds its prompt once plus each choice's generated tokens.
+
+    def _cells_in_use(self) -> int:
+        live = sum(len(j.prompt) for j in self._jobs_in_flight()) + sum(s.generated for s in self._running)
+        return live + sum(len(t) for t in self._prefix_cache.values())
+
+    def _cell_capacity(self) -> int:
+        # One batch of headroom, so a step never finds the cache full.
+        return self._settings.kv_cells - self._batch_capacity
+
+    def _admit(self) -> None:
+        """Start queued jobs, oldest first, while sequence ids and KV cells allow."""
+        while True:
+            with self._lock:
+                if not self._queue:
                     return
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish_reason = "stop"
-                    break
-                generated += 1
-                text, hit_stop = stops.feed(utf8.decode(llama.detokenize([token])))
-                if text:
-                    emit(TextDelta(text))
-                if hit_stop:
-                    finish_reason = "stop"
-                    break
-                if generated >= budget:
-                    break
-            if not hit_stop:
-                # Bytes of an unfinished UTF-8 sequence, and text held back as a possible stop prefix.
-                rest, hit_stop = stops.feed(utf8.decode(b"", final=True))
-                if hit_stop:
-                    finish_reason = "stop"
-                else:
-                    rest += stops.flush()
-                if rest:
-                    emit(TextDelta(rest))
-            elapsed = time.monotonic() - started
+                job = self._queue[0]
+                in_use = sum(len(j.seq_ids) for j in self._jobs_in_flight())
+                if in_use + job.n > self._settings.max_sequences:
+                    return
+                self._queue.popleft()
+            self._assign_sequences(job)
+            while self._cells_in_use() + len(job.prompt) > self._cell_capacity() and self._prefix_cache:
+                self._evict_oldest_prefix()
+            self._prefilling.append(job)
+
+    def _make_room_to_grow(self) -> None:
+        """Before the next step adds a cell per running sequence: evict cached prefixes, and if the cache
+        still runs out, end the longest reply with `length` (the context it could use is exhausted)."""
+        while self._cells_in_use() + len(self._running) > self._cell_capacity():
+            if self._prefix_cache:
+                self._evict_oldest_prefix()
+                continue
+            longest = max(self._running, key=lambda s: s.generated)
+            log.warning("kv cache full: ending the longest reply", extra={"completion_tokens": longest.generated})
+            self._finish(longest, "length", self._drain(longest))
+            self._running.remove(longest)
+
+    def _assign_sequences(self, job: _Job) -> None:
+        """Give the job `n` sequence ids; the first reuses the longest cached prefix of its prompt."""
+        best_id, best_len = None, 0
+        for seq_id, tokens in self._prefix_cache.items():
+            shared = _common_prefix(tokens, job.prompt)
+            if shared > best_len:
+                best_id, best_len = seq_id, shared
+        if best_id is not None:
+            # Keep at least the prompt's last token to evaluate: its logits start the reply.
+            reuse = min(best_len, len(job.prompt) - 1)
+            del self._prefix_cache[best_id]
+            llama_cpp.llama_memory_seq_rm(self._memory, best_id, reuse, -1)
+            job.seq_ids.append(best_id)
+            job.cached_tokens = job.prefill_pos = reuse
+        while len(job.seq_ids) < job.n:
+            job.seq_ids.append(self._free_seq_ids.pop() if self._free_seq_ids else self._evict_oldest_prefix())
+
+    def _evict_oldest_prefix(self) -> int:
+        seq_id, _ = self._prefix_cache.popitem(last=False)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._free_seq_ids.append(seq_id)
+        return self._free_seq_ids.pop()
+
+    def _start_decoding(self, job: _Job, row: int) -> None:
+        """The job's prompt is in the cache: share it with its other sequences and sample every first token."""
+        self._prefilling.remove(job)
+        first = job.seq_ids[0]
+        for seq_id in job.seq_ids[1:]:
+            llama_cpp.llama_memory_seq_cp(self._memory, first, seq_id, -1, -1)
+        for index, seq_id in enumerate(job.seq_ids):
+            seq = _Sequence(
+                job=job,
+                index=index,
+                seq_id=seq_id,
+                sampler=self._sampler(job.sampling, index, job.budget),
+                stops=StopMatcher(job.sampling.stop),
+                utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                pos=len(job.prompt),
+            )
+            self._running.append(seq)
+            self._sample(seq, row)
+
+    def _sample(self, seq: _Sequence, row: int) -> None:
+        """Pick the sequence's next token from its logits row, emit its text, and end it if it is done."""
+        job = seq.job
+        logprobs = self._logprobs(row, job.top_logprobs) if job.top_logprobs is not None else None
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop", self._drain(seq))
+            return
+        seq.generated += 1
+        seq.tokens.append(token)
+        piece = self._piece(token)
+        text, hit_stop = seq.stops.feed(seq.utf8.decode(piece))
+        logprob = (logprobs(token, piece),) if logprobs else ()
+        if hit_stop:
+            self._finish(seq, "stop", text, logprob)
+        elif seq.generated >= job.budget:
+            rest = self._drain(seq)
+            self._finish(seq, "stop" if seq.stopped else "length", text + rest, logprob)
+        else:
+            if text or logprob:
+                job.emit(TextDelta(seq.index, text, logprob))
+            seq.next_token = token
+
+    def _drain(self, seq: _Sequence) -> str:
+        """Text still held back when a reply ends: an unfinished UTF-8 sequence, a possible stop prefix."""
+        text, seq.stopped = seq.stops.feed(seq.utf8.decode(b"", final=True))
+        return text if seq.stopped else text + seq.stops.flush()
+
+    def _finish(self, seq: _Sequence, reason: str, text: str, logprob: tuple[TokenLogprob, ...] = ()) -> None:
+        job = seq.job
+        if text or logprob:
+            job.emit(TextDelta(seq.index, text, logprob))
+        job.emit(
+            Finished(
+                seq.index,
+                reason,
+                prompt_tokens=len(job.prompt),
+                completion_tokens=seq.generated,
+                cached_tokens=job.cached_tokens,
+            )
+        )
+        llama_cpp.llama_sampler_free(seq.sampler)
+        seq.done = True
+        job.seq_ids.remove(seq.seq_id)
+        if seq.index == 0:
+            # Prompt + reply stay cached for the next turn of the conversation (the last sampled token
+            # was never decoded, so it has no cell).
+            self._prefix_cache[seq.seq_id] = job.prompt + seq.tokens[:-1]
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+            self._free_seq_ids.append(seq.seq_id)
+        if not job.seq_ids:
             log.info(
                 "generation finished",
-                extra={
-                    "finish_reason": finish_reason,
-                    "prompt_tokens": len(prompt),
-                    "completion_tokens": generated,
-                    "tokens_per_s": round(generated / elapsed, 1) if elapsed > 0 else None,
-                },
+                extra={"finish_reason": reason, "prompt_tokens": len(job.prompt), "choices": job.n},
             )
-            emit(Finished(finish_reason, prompt_tokens=len(prompt), completion_tokens=generated))
-        except Exception as exc:  # surfaced to the awaiting request, which maps it to an error
-            emit(exc)
+
+    def _release(self, job: _Job) -> None:
+        """Free every sequence of a job that will not finish (cancelled or failed)."""
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        for seq in [s for s in self._running if s.job is job]:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            self._running.remove(seq)
+        for seq_id in job.seq_ids:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free_seq_ids.append(seq_id)
+        job.seq_ids.clear()
+
+    # --- sampling helpers ---------------------------------------------------------------------------
+
+    def _sampler(self, sampling: SamplingParams, index: int, budget: int) -> Any:
+        """A llama.cpp sampler chain with this choice's parameters and seed."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if sampling.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for i, (token, bias) in enumerate(sampling.logit_bias.items()):
+                biases[i] = llama_cpp.llama_logit_bias(token, bias)
+            add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
+        if sampling.frequency_penalty or sampling.presence_penalty or sampling.repetition_penalty != 1.0:
+            window = min(budget, 4096)  # OpenAI's penalties count every generated token
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    window,
+                    sampling.repetition_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
+        if sampling.temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if sampling.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        if sampling.min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        add(llama_cpp.llama_sampler_init_dist(_choice_seed(sampling.seed, index)))
+        return chain
+
+    def _logprobs(self, row: int, top: int) -> Callable[[int, bytes], TokenLogprob]:
+        """Log-probabilities of the model's distribution at a logits row (before sampling adjustments)."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logprobs[best])]
+        alternatives = tuple((self._piece(int(t)), float(logprobs[t])) for t in best)
+
+        def of(token: int, piece: bytes) -> TokenLogprob:
+            return TokenLogprob(piece, float(logprobs[token]), alternatives)
+
+        return of
+
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (cached; special tokens render empty unless asked for)."""
+        key = token if not special else -token - 1
+        piece = self._pieces.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            if size < 0:
+                buf = ctypes.create_string_buffer(-size)
+                size = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[key] = buf.raw[:size]
+        return piece
+
+    def _metadata(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(1 << 16)
+        size = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if size < 0:
+            raise ValueError(f"the model has no {key!r} metadata")
+        return buf.value.decode("utf-8")
+
+
+def _choice_seed(seed: int | None, index: int) -> int:
+    """Each choice gets its own 32-bit seed: derived from the request's, or random."""
+    if seed is None:
+        return int.from_bytes(os.urandom(4), "little")
+    return (seed + index) % 2**32
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -207,8 +598,3 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.name:
         rendered["name"] = message.name
     return rendered
-
-
-def _log_job_failure(job: asyncio.Future[None]) -> None:
-    if not job.cancelled() and job.exception() is not None:
-        log.error("decode worker failed", exc_info=job.exception())
