@@ -63,10 +63,10 @@ def run_envoy(ports: stack.Ports, log_path: Path) -> Iterator[subprocess.Popen[b
 
 
 @contextlib.contextmanager
-def run_server(port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The gRPC server with the default model, serving, stopped afterwards."""
+def run_server(port: int, log_path: Path, config: Path = stack.DEFAULT_CONFIG) -> Iterator[subprocess.Popen[bytes]]:
+    """The gRPC server (by default with the default model), serving, stopped afterwards."""
     with log_path.open("wb") as log:
-        server = stack.start_server(port, log)
+        server = stack.start_server(port, log, config=config)
         try:
             stack.wait_for_server(port, server)
             yield server
@@ -81,18 +81,25 @@ def _dump_logs(*paths: Path) -> None:
             print("\n".join(path.read_text(errors="replace").splitlines()[-60:]))
 
 
-@pytest.fixture(scope="session")
-def chatwire(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """The whole stack, shared by the session; logs are printed if any test failed."""
+@contextlib.contextmanager
+def run_stack(request: pytest.FixtureRequest, config: Path = stack.DEFAULT_CONFIG) -> Iterator[Stack]:
+    """Server and Envoy on free ports; their logs are printed if any test failed."""
     ports = stack.Ports(http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port())
     logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
     running = Stack(ports, logs / "server.log", logs / "envoy.log")
     try:
-        with run_server(ports.grpc, running.server_log), run_envoy(ports, running.envoy_log):
+        with run_server(ports.grpc, running.server_log, config), run_envoy(ports, running.envoy_log):
             yield running
     finally:
         if request.session.testsfailed:
             _dump_logs(running.server_log, running.envoy_log)
+
+
+@pytest.fixture(scope="session")
+def chatwire(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The whole stack with the default config, shared by the session."""
+    with run_stack(request) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

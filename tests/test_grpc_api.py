@@ -94,3 +94,28 @@ def test_health_and_reflection(chatwire: Stack) -> None:
         replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in next(iter(replies)).list_services_response.service}
     assert {"chatwire.v1.ChatService", "grpc.health.v1.Health"} <= names
+
+
+def test_n_choices_and_logprobs_over_grpc(grpc_stub: chat_service_pb2_grpc.ChatServiceStub) -> None:
+    reply = grpc_stub.CreateChatCompletion(
+        request(n=3, max_tokens=6, temperature=1.0, seed=11, logprobs=True, top_logprobs=2), timeout=120
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        logprobs = json_format.MessageToDict(choice.logprobs)
+        assert logprobs["refusal"] is None
+        assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in logprobs["content"])
+    assert reply.usage.completion_tokens == sum(
+        len(json_format.MessageToDict(c.logprobs)["content"]) for c in reply.choices
+    )
+    chunks = list(grpc_stub.StreamChatCompletion(request(n=2, max_tokens=4, logprobs=True), timeout=120))
+    finished = {c.index for chunk in chunks for c in chunk.choices if c.finish_reason.string_value}
+    assert finished == {0, 1}
+    assert any(c.logprobs.content for chunk in chunks for c in chunk.choices)
+
+
+def test_logit_bias_over_grpc(grpc_stub: chat_service_pb2_grpc.ChatServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_stub.CreateChatCompletion(request(logit_bias={"1": 500}), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_body(caught.value)["param"] == "logit_bias.1"

@@ -207,6 +207,14 @@ class LlamaCppEngine:
 
     async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         """Generate all `request.n` choices, yielding their events interleaved as they are decoded."""
+        for token in request.sampling.logit_bias:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidRequestError(
+                    f"Invalid 'logit_bias': token id {token} is outside this model's vocabulary "
+                    f"(0-{self.n_vocab - 1}).",
+                    param=f"logit_bias.{token}",
+                    code="invalid_value",
+                )
         prompt = self.tokenize_prompt(request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         loop = asyncio.get_running_loop()

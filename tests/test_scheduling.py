@@ -1,0 +1,116 @@
+"""The batching engine's scheduling through the edge: concurrent streams, chunked prefill, admission control."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from chatwire_server import stack
+from conftest import MODEL, Stack, run_stack
+
+COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+
+
+def stream_times(base_url: str, body: dict[str, object]) -> list[float]:
+    """Arrival times of a stream's content chunks."""
+    times = []
+    with httpx.stream("POST", f"{base_url}/chat/completions", json={**body, "stream": True}, timeout=300) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                times.append(time.monotonic())
+    return times
+
+
+def test_concurrent_streams_decode_together(chatwire: Stack) -> None:
+    body = {"model": MODEL, "messages": COUNT, "max_tokens": 40, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: stream_times(chatwire.base_url, body), range(4)))
+    # Batched, not queued: every stream has started before any has finished.
+    assert all(len(r) >= 10 for r in runs)
+    assert max(r[0] for r in runs) < min(r[-1] for r in runs)
+
+
+def test_long_prompt_does_not_stall_running_streams(chatwire: Stack) -> None:
+    running_body = {"model": MODEL, "messages": COUNT, "max_tokens": 400, "temperature": 0}
+    long_prompt = [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 150}]
+    long_body = {"model": MODEL, "messages": long_prompt, "max_tokens": 1}
+    chunks: list[float] = []
+    started = threading.Event()
+
+    def run_stream() -> None:
+        with httpx.stream(
+            "POST", f"{chatwire.base_url}/chat/completions", json={**running_body, "stream": True}, timeout=300
+        ) as reply:
+            for line in reply.iter_lines():
+                if '"content":"' in line:
+                    chunks.append(time.monotonic())
+                    started.set()
+
+    streamer = threading.Thread(target=run_stream)
+    streamer.start()
+    assert started.wait(60)
+    submitted = time.monotonic()
+    reply = httpx.post(f"{chatwire.base_url}/chat/completions", json=long_body, timeout=300)
+    answered = time.monotonic()
+    streamer.join(300)
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] > 1500
+    during = [t for t in chunks if submitted < t < answered]
+    # The ~1.6k-token prompt is evaluated in chunks between decode steps: the running stream keeps going.
+    assert len(during) >= 5, f"only {len(during)} tokens streamed while the long prompt was evaluated"
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A server that decodes one sequence at a time and queues one more request."""
+    config = tmp_path_factory.mktemp("tiny") / "models.toml"
+    default = stack.DEFAULT_CONFIG.read_text()
+    config.write_text(
+        default.replace("max_sequences = 128", "max_sequences = 1")
+        .replace("max_queued_requests = 64", "max_queued_requests = 1")
+        .replace("kv_cells = 32768", "kv_cells = 4096")
+    )
+    assert config.read_text() != default
+    with run_stack(request, Path(config)) as running:
+        yield running
+
+
+def test_full_queue_answers_429_at_once(tiny_stack: Stack) -> None:
+    body = {"model": MODEL, "messages": COUNT, "max_tokens": 60, "temperature": 0}
+    url = f"{tiny_stack.base_url}/chat/completions"
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: httpx.post(url, json=body, timeout=300), range(6)))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    assert set(statuses) <= {200, 429}
+    limited = next(r for r in replies if r.status_code == 429)
+    error = limited.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+
+
+def test_sdk_sees_rate_limit_error(tiny_stack: Stack) -> None:
+    client = openai.OpenAI(base_url=tiny_stack.base_url, api_key="unused", max_retries=0, timeout=300)
+
+    def call(_: int) -> str:
+        try:
+            client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=60)  # type: ignore[arg-type]
+            return "ok"
+        except openai.RateLimitError:
+            return "429"
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        outcomes = list(pool.map(call, range(5)))
+    assert "429" in outcomes and "ok" in outcomes
+
+
+def test_n_larger_than_the_engine_can_decode_is_400(tiny_stack: Stack) -> None:
+    reply = httpx.post(
+        f"{tiny_stack.base_url}/chat/completions", json={"model": MODEL, "messages": COUNT, "n": 2}, timeout=60
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
