@@ -37,7 +37,7 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m ruff format --check services tests bench
 	$(PY) -m mypy
 
-bench: setup ## Time a 200-token streamed reply through Envoy (single stream)
+bench: setup ## Streaming speed through Envoy: a 200-token reply, then 1/4/16 concurrent streams
 	$(PY) bench/stream_speed.py
 
 proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
