@@ -130,7 +130,6 @@ class LlamaCppEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
-        self._max_context = min(settings.max_context or train_ctx, settings.kv_cells)
         self._settings = settings
 
         threads = settings.n_threads or os.cpu_count() or 1
@@ -148,6 +147,8 @@ class LlamaCppEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(ctx_params.n_batch, 0, 1)
         self._batch_capacity = int(ctx_params.n_batch)
+        # One request must fit the cells left after a batch of headroom.
+        self._max_context = min(settings.max_context or train_ctx, self._cell_capacity())
 
         self._pieces: dict[int, bytes] = {}
         self._formatter = Jinja2ChatFormatter(
@@ -221,7 +222,10 @@ class LlamaCppEngine:
         events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
 
         def emit(event: EngineEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: the server is shutting down
+                job.cancelled.set()
 
         job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, emit)
         self._submit(job)
@@ -315,7 +319,8 @@ class LlamaCppEngine:
             n = self._add_token(n, seq.next_token, seq.pos, seq.seq_id, logits=True)
             seq.pos += 1
             rows.append((seq, n - 1))
-        room = min(self._settings.prefill_chunk, self._batch_capacity - n)
+        # Beside running streams, prompts advance a chunk per step; alone, they take the whole batch.
+        room = self._batch_capacity - n if n == 0 else min(self._settings.prefill_chunk, self._batch_capacity - n)
         for job in self._prefilling:
             if room <= 0:
                 break
@@ -389,7 +394,7 @@ class LlamaCppEngine:
     def _make_room_to_grow(self) -> None:
         """Before the next step adds a cell per running sequence: evict cached prefixes, and if the cache
         still runs out, end the longest reply with `length` (the context it could use is exhausted)."""
-        while self._cells_in_use() + len(self._running) > self._cell_capacity():
+        while self._running and self._cells_in_use() + len(self._running) > self._cell_capacity():
             if self._prefix_cache:
                 self._evict_oldest_prefix()
                 continue
