@@ -90,6 +90,26 @@ def test_nested_wrong_type_names_the_nested_field(chatwire: Stack) -> None:
             },
             "messages[0].content[0]",
         ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    USER[0],
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hear this"},
+                            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                        ],
+                    },
+                ],
+            },
+            "messages[1].content[1]",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f-1"}}]}]},
+            "messages[0].content[0]",
+        ),
         ({"model": MODEL, "messages": USER, "temperature": 3}, "temperature"),
         ({"model": MODEL, "messages": USER, "top_p": 1.5}, "top_p"),
         ({"model": MODEL, "messages": USER, "n": 0}, "n"),

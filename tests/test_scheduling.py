@@ -114,3 +114,26 @@ def test_n_larger_than_the_engine_can_decode_is_400(tiny_stack: Stack) -> None:
         f"{tiny_stack.base_url}/chat/completions", json={"model": MODEL, "messages": COUNT, "n": 2}, timeout=60
     )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
+
+
+def test_each_request_in_a_batch_samples_with_its_own_parameters(chatwire: Stack) -> None:
+    from test_sampling import token_ids
+
+    def forced(word: str) -> dict[str, object]:
+        (token,) = token_ids(f" {word}")
+        return {"model": MODEL, "messages": COUNT, "max_tokens": 30, "temperature": 0, "logit_bias": {str(token): 100}}
+
+    bodies = [
+        forced("apple"),
+        forced("banana"),
+        {"model": MODEL, "messages": COUNT, "max_tokens": 30, "temperature": 0},
+    ]
+    url = f"{chatwire.base_url}/chat/completions"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        texts = [
+            r.json()["choices"][0]["message"]["content"]
+            for r in pool.map(lambda b: httpx.post(url, json=b, timeout=120), bodies)
+        ]
+    assert texts[0] == " apple" * 30
+    assert texts[1] == " banana" * 30
+    assert "apple" not in texts[2] and "banana" not in texts[2]
