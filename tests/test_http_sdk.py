@@ -163,8 +163,8 @@ def test_parameters_without_effect_here_are_accepted(client: openai.OpenAI) -> N
 @pytest.mark.parametrize(
     "param, value",
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-        ("response_format", {"type": "json_object"}),
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+        ("prediction", {"type": "content", "content": "x"}),
         ("audio", {"voice": "alloy", "format": "wav"}),
     ],
 )

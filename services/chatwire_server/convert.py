@@ -5,12 +5,16 @@ Validation follows OpenAI's types and ranges; every failure names the offending 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
+from chatwire_server import structured
 from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TokenLogprob
 from chatwire_server.errors import InvalidRequestError
 from chatwire_server.registry import ModelEntry
@@ -29,14 +33,166 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
         )
     _reject_unsupported(request)
     _check_accepted_fields(request)
-    messages = tuple(_message_from_proto(i, m) for i, m in enumerate(request.messages))
+    messages = _messages_from_proto(request.messages)
+    tools = _tools(request)
+    choice = _tool_choice(request, tools)
+    response_grammar = _response_format_grammar(request)
+    grammar, trigger = response_grammar, None
+    if choice != "none":
+        if response_grammar is not None:
+            raise InvalidRequestError(
+                "'response_format' cannot be combined with tool calls; set 'tool_choice' to 'none' or drop "
+                "'response_format'.",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+        callable_tools = tools if choice in ("auto", "required") else [t for t in tools if t.name == choice]
+        parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+        grammar = structured.tool_call_grammar(callable_tools, parallel=parallel)
+        # `auto` lets the model answer in text; the grammar takes over only once it opens a tool call.
+        trigger = structured.TOOL_CALL_TRIGGER if choice == "auto" else None
+        messages = _with_system_text(messages, structured.tools_prompt(tools, None if choice == "auto" else choice))
+    sampling = dataclasses.replace(_sampling_from_proto(request), grammar=grammar, grammar_trigger=trigger)
     return ChatRequest(
         model=request.model,
         messages=messages,
-        sampling=_sampling_from_proto(request),
+        sampling=sampling,
         n=_int_in_range(request, "n", 1, 128, default=1),
         include_usage=request.stream_options.include_usage,
         top_logprobs=_top_logprobs(request),
+        tool_calls=choice != "none",
+    )
+
+
+def _messages_from_proto(messages: Sequence[pb.ChatCompletionRequestMessage]) -> tuple[ChatMessage, ...]:
+    """Every message, with tool messages checked against the tool calls made before them."""
+    converted: list[ChatMessage] = []
+    call_ids: set[str] = set()
+    for i, message in enumerate(messages):
+        call_ids.update(call.id for call in message.tool_calls)
+        if message.role == "tool" and message.tool_call_id and message.tool_call_id not in call_ids:
+            raise InvalidRequestError(
+                f"'messages[{i}].tool_call_id' ('{message.tool_call_id}') answers no tool call of an earlier "
+                "assistant message.",
+                param=f"messages[{i}].tool_call_id",
+                code="invalid_value",
+            )
+        converted.append(_message_from_proto(i, message))
+    return tuple(converted)
+
+
+def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[ChatMessage, ...]:
+    """Add `text` to the leading system (or developer) message, or put a system message first."""
+    first = messages[0]
+    if first.role in ("system", "developer"):
+        return (dataclasses.replace(first, content=f"{first.content or ''}\n\n{text}"), *messages[1:])
+    return (ChatMessage(role="system", content=text), *messages)
+
+
+def _tools(request: pb.CreateChatCompletionRequest) -> list[structured.Tool]:
+    tools: list[structured.Tool] = []
+    for i, tool in enumerate(request.tools):
+        where = f"tools[{i}]"
+        if tool.type != "function":
+            raise InvalidRequestError(
+                f"'{where}.type' is '{tool.type}'; only 'function' tools are supported.",
+                param=f"{where}.type",
+                code="unsupported_parameter",
+            )
+        name = tool.function.name
+        if not structured.NAME_PATTERN.match(name):
+            raise InvalidRequestError(
+                f"Invalid '{where}.function.name': '{name}' must be 1-64 letters, digits, '_' or '-'.",
+                param=f"{where}.function.name",
+                code="invalid_value",
+            )
+        if any(t.name == name for t in tools):
+            raise InvalidRequestError(
+                f"Duplicate function name '{name}' in 'tools'.", param=f"{where}.function.name", code="invalid_value"
+            )
+        parameters = (
+            _json_value(tool.function.parameters)
+            if tool.function.HasField("parameters")
+            else {"type": "object", "properties": {}}
+        )
+        tools.append(structured.Tool(name, tool.function.description, parameters))
+    return tools
+
+
+def _tool_choice(request: pb.CreateChatCompletionRequest, tools: list[structured.Tool]) -> str:
+    """`none`, `auto`, `required`, or the name of the one function to call."""
+    value = request.tool_choice
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        choice = "auto" if tools else "none"
+    elif kind == "string_value" and value.string_value in ("none", "auto", "required"):
+        choice = value.string_value
+    elif kind == "struct_value":
+        named = json_format.MessageToDict(value.struct_value)
+        function = named.get("function")
+        if named.get("type") != "function" or not isinstance(function, dict) or "name" not in function:
+            raise InvalidRequestError(
+                "Invalid 'tool_choice': expected 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": ...}}.',
+                param="tool_choice",
+                code="invalid_value",
+            )
+        choice = str(function["name"])
+        if not any(t.name == choice for t in tools):
+            raise InvalidRequestError(
+                f"'tool_choice' names the function '{choice}', which is not in 'tools'.",
+                param="tool_choice.function.name",
+                code="invalid_value",
+            )
+    else:
+        raise InvalidRequestError(
+            "Invalid 'tool_choice': expected 'none', 'auto', 'required' or a function.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    if choice != "none" and not tools:
+        raise InvalidRequestError(
+            f"'tool_choice' is '{choice}' but no 'tools' were given.", param="tool_choice", code="invalid_value"
+        )
+    return choice
+
+
+def _json_value(struct: struct_pb2.Struct) -> Any:
+    """A Struct as plain JSON data, whole numbers as ints (protobuf stores every JSON number as a double)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json_format.MessageToDict(struct))
+
+
+def _response_format_grammar(request: pb.CreateChatCompletionRequest) -> str | None:
+    """The grammar `response_format` asks for, or None for free text."""
+    kind = request.response_format.type
+    if kind in ("", "text"):
+        return None
+    if kind == "json_object":
+        return structured.json_grammar(None, "response_format")
+    if kind == "json_schema":
+        spec = request.response_format.json_schema
+        if not structured.NAME_PATTERN.match(spec.name):
+            raise InvalidRequestError(
+                "'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'.",
+                param="response_format.json_schema.name",
+                code="invalid_value",
+            )
+        schema = _json_value(spec.schema) if spec.HasField("schema") else None
+        return structured.json_grammar(schema, "response_format.json_schema.schema")
+    raise InvalidRequestError(
+        f"Invalid 'response_format.type': '{kind}'; expected 'text', 'json_object' or 'json_schema'.",
+        param="response_format.type",
+        code="invalid_value",
     )
 
 
@@ -90,9 +246,14 @@ def _check_accepted_fields(request: pb.CreateChatCompletionRequest) -> None:
 
 def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
     """Features this server does not implement yet get a 400, never a silent no-op."""
+    if len(request.functions) or request.HasField("function_call"):
+        raise InvalidRequestError(
+            "'functions' and 'function_call' are deprecated and not supported here; send the same functions "
+            "as 'tools' (type 'function') and use 'tool_choice'.",
+            param="functions" if len(request.functions) else "function_call",
+            code="unsupported_parameter",
+        )
     unsupported = {
-        "tools": len(request.tools) > 0,
-        "functions": len(request.functions) > 0,
         "audio": request.HasField("audio"),
         "prediction": request.HasField("prediction"),
         "web_search_options": request.HasField("web_search_options"),
@@ -103,12 +264,6 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
             raise InvalidRequestError(
                 f"'{param}' is not supported by this server yet.", param=param, code="unsupported_parameter"
             )
-    if request.response_format.type not in ("", "text"):
-        raise InvalidRequestError(
-            f"response_format type '{request.response_format.type}' is not supported by this server yet.",
-            param="response_format.type",
-            code="unsupported_parameter",
-        )
     if any(m != "text" for m in request.modalities):
         raise InvalidRequestError(
             "This model only produces text: 'modalities' may only contain 'text'.", param="modalities"
@@ -130,12 +285,13 @@ def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) ->
         )
     if message.role == "function" and not message.name:
         raise InvalidRequestError(f"'{where}.name' is required for function messages.", param=f"{where}.name")
+    # Earlier tool calls are shown to the model as it writes them itself.
+    calls = "".join(structured.render_tool_call(c.function.name, c.function.arguments) for c in message.tool_calls)
     return ChatMessage(
         role=message.role,
-        content=content,
+        content=(content or "") + calls if calls else content,
         name=message.name if message.HasField("name") else None,
         tool_call_id=message.tool_call_id if message.HasField("tool_call_id") else None,
-        tool_calls=tuple(json_format.MessageToDict(c, preserving_proto_field_name=True) for c in message.tool_calls),
     )
 
 
@@ -321,6 +477,54 @@ def choice_to_proto(text: str, logprobs: list[TokenLogprob] | None, finished: Fi
             {"content": [_token_logprob(t) for t in logprobs], "refusal": None}, struct_pb2.Value()
         ),
     )
+
+
+def tool_choice_to_proto(
+    pieces: list[structured.ReplyPiece], logprobs: list[TokenLogprob] | None, finished: Finished
+) -> pb.ChatCompletionChoice:
+    """A choice whose reply may hold tool calls: content (null when only tools were called) and calls."""
+    content = "".join(p.text for p in pieces if isinstance(p, structured.ContentPiece))
+    calls: list[pb.ChatCompletionMessageToolCall] = []
+    for piece in pieces:
+        if isinstance(piece, structured.ToolCallStart):
+            calls.append(
+                pb.ChatCompletionMessageToolCall(
+                    id=piece.id, type="function", function=pb.FunctionCall(name=piece.name, arguments="")
+                )
+            )
+        elif isinstance(piece, structured.ToolCallArguments):
+            calls[piece.index].function.arguments += piece.text
+    choice = choice_to_proto(content, logprobs, finished)
+    if calls:
+        choice.message.tool_calls.extend(calls)
+        if not content.strip():
+            choice.message.content.CopyFrom(NULL)
+        if finished.finish_reason == "stop":
+            choice.finish_reason = "tool_calls"
+    return choice
+
+
+def chunk_pieces(
+    index: int, pieces: list[structured.ReplyPiece], logprobs: tuple[TokenLogprob, ...]
+) -> pb.ChatCompletionChunkChoice:
+    """One stream chunk's delta from parsed reply pieces: content text, or tool-call starts and arguments."""
+    choice = chunk_choice(index, logprobs=logprobs)
+    delta = choice.delta
+    for piece in pieces:
+        if isinstance(piece, structured.ContentPiece):
+            delta.content = (delta.content if delta.HasField("content") else "") + piece.text
+        elif isinstance(piece, structured.ToolCallStart):
+            delta.tool_calls.add(
+                index=piece.index,
+                id=piece.id,
+                type="function",
+                function=pb.FunctionCallDelta(name=piece.name, arguments=""),
+            )
+        elif delta.tool_calls and delta.tool_calls[-1].index == piece.index:
+            delta.tool_calls[-1].function.arguments += piece.text
+        else:
+            delta.tool_calls.add(index=piece.index, function=pb.FunctionCallDelta(arguments=piece.text))
+    return choice
 
 
 def chunk_choice(

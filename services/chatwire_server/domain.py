@@ -13,8 +13,6 @@ class ChatMessage:
     content: str | None
     name: str | None = None
     tool_call_id: str | None = None
-    # Tool calls of an assistant turn, as OpenAI dicts ({"id", "type", "function": {...}}).
-    tool_calls: tuple[dict[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # Token id -> bias added to its logit; -100 bans the token, +100 all but forces it.
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # A llama.cpp GBNF grammar every reply must follow; with `grammar_trigger` (a regex), only from the
+    # point where the reply matches it.
+    grammar: str | None = None
+    grammar_trigger: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class ChatRequest:
     include_usage: bool = False
     # How many alternatives to report per token when logprobs are requested; None when they are not.
     top_logprobs: int | None = None
+    # Whether replies may contain tool calls to parse out.
+    tool_calls: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from chatwire_server import convert
 from chatwire_server.domain import Finished, TextDelta, TokenLogprob
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
 from chatwire_server.registry import ModelRegistry
+from chatwire_server.structured import ReplyParser
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,21 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 else:
                     finished.append(event)
         finished.sort(key=lambda f: f.index)
-        wants_logprobs = chat.top_logprobs is not None
+        choices = []
+        for f in finished:
+            text = "".join(texts[f.index])
+            choice_logprobs = logprobs[f.index] if chat.top_logprobs is not None else None
+            if chat.tool_calls:
+                parser = ReplyParser()
+                choices.append(convert.tool_choice_to_proto([*parser.feed(text), *parser.finish()], choice_logprobs, f))
+            else:
+                choices.append(convert.choice_to_proto(text, choice_logprobs, f))
         return pb.CreateChatCompletionResponse(
             id=_completion_id(),
             object="chat.completion",
             created=int(time.time()),
             model=chat.model,
-            choices=[
-                convert.choice_to_proto("".join(texts[f.index]), logprobs[f.index] if wants_logprobs else None, f)
-                for f in finished
-            ],
+            choices=choices,
             usage=convert.usage_to_proto(finished),
         )
 
@@ -134,6 +140,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 usage=usage,
             )
 
+        parsers = [ReplyParser() for _ in range(chat.n)] if chat.tool_calls else None
         finished: list[Finished] = []
         # Closing the engine's stream, also when the client goes away, stops generation. Errors the engine
         # finds before generating (context length, a full queue) come before any chunk: a plain HTTP error.
@@ -145,10 +152,21 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     yield chunk(*(convert.chunk_choice(i, role="assistant", content="") for i in range(chat.n)))
                     started = True
                 if isinstance(event, TextDelta):
-                    yield chunk(convert.chunk_choice(event.index, content=event.text, logprobs=event.logprobs))
+                    if parsers is None:
+                        yield chunk(convert.chunk_choice(event.index, content=event.text, logprobs=event.logprobs))
+                    else:
+                        pieces = parsers[event.index].feed(event.text)
+                        if pieces or event.logprobs:  # text held back as a possible `<tool_call>` waits
+                            yield chunk(convert.chunk_pieces(event.index, pieces, event.logprobs))
                 else:
                     finished.append(event)
-                    yield chunk(convert.chunk_choice(event.index, finish_reason=event.finish_reason))
+                    reason = event.finish_reason
+                    if parsers is not None:
+                        parser = parsers[event.index]
+                        if rest := parser.finish():
+                            yield chunk(convert.chunk_pieces(event.index, rest, ()))
+                        reason = "tool_calls" if parser.calls and reason == "stop" else reason
+                    yield chunk(convert.chunk_choice(event.index, finish_reason=reason))
         if chat.include_usage:
             yield chunk(usage=convert.usage_to_proto(finished))
         if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":

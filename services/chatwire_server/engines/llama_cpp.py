@@ -520,6 +520,9 @@ class LlamaCppEngine:
         """A llama.cpp sampler chain with this choice's parameters and seed."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if sampling.grammar:
+            # First in the chain: every later step only sees tokens that keep the reply inside the grammar.
+            add(self._grammar_sampler(sampling.grammar, sampling.grammar_trigger))
         if sampling.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
             for i, (token, bias) in enumerate(sampling.logit_bias.items()):
@@ -548,6 +551,18 @@ class LlamaCppEngine:
         add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         add(llama_cpp.llama_sampler_init_dist(_choice_seed(sampling.seed, index)))
         return chain
+
+    def _grammar_sampler(self, grammar: str, trigger: str | None) -> Any:
+        if trigger is None:
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        else:
+            patterns = (ctypes.c_char_p * 1)(trigger.encode())
+            sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, grammar.encode(), b"root", patterns, 1, None, 0
+            )
+        if not sampler:
+            raise ValueError("llama.cpp rejected the grammar")
+        return sampler
 
     def _logprobs(self, row: int, top: int) -> Callable[[int, bytes], TokenLogprob]:
         """Log-probabilities of the model's distribution at a logits row (before sampling adjustments)."""
@@ -601,11 +616,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates expect it. `developer` steers like `system` in templates that only
-    know the classic roles; tool calls of earlier assistant turns are kept as their JSON."""
+    know the classic roles."""
     role = "system" if message.role == "developer" else message.role
     rendered: dict[str, Any] = {"role": role, "content": message.content or ""}
-    if message.tool_calls:
-        rendered["tool_calls"] = list(message.tool_calls)
     if message.tool_call_id:
         rendered["tool_call_id"] = message.tool_call_id
     if message.name:
