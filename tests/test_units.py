@@ -115,3 +115,37 @@ def test_proto_has_every_spec_property(spec_schema: str, proto_message: str) -> 
     if spec_schema.startswith(("CreateChatCompletionResponse", "CreateChatCompletionStream", "ChatCompletionResponse")):
         missing -= not_sent
     assert not missing, f"{proto_message} lacks {sorted(missing)}"
+
+
+def parse_reply(pieces: list[str]) -> list[object]:
+    from chatwire_server.structured import ReplyParser
+
+    parser = ReplyParser()
+    out: list[object] = []
+    for piece in pieces:
+        out += parser.feed(piece)
+    return out + parser.finish()
+
+
+def test_reply_parser_streams_calls_and_content() -> None:
+    from chatwire_server.structured import ContentPiece, ToolCallArguments, ToolCallStart
+
+    text = 'Sure. <tool_call>{"name": "f", "arguments": {"a": "}\\"x", "b": [1, {"c": 2}]}}</tool_call>'
+    for size in (1, 3, 7, len(text)):  # any split of the stream gives the same calls
+        pieces = parse_reply([text[i : i + size] for i in range(0, len(text), size)])
+        content = "".join(p.text for p in pieces if isinstance(p, ContentPiece))
+        starts = [p for p in pieces if isinstance(p, ToolCallStart)]
+        arguments = "".join(p.text for p in pieces if isinstance(p, ToolCallArguments))
+        assert content == "Sure. "
+        assert [s.name for s in starts] == ["f"] and starts[0].id.startswith("call_")
+        assert arguments == '{"a": "}\\"x", "b": [1, {"c": 2}]}'
+
+
+def test_reply_parser_parallel_calls_and_a_cut_tail() -> None:
+    from chatwire_server.structured import ContentPiece, ToolCallStart
+
+    call = '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    pieces = parse_reply([call, "\n", call, "\n<tool_c"])
+    assert [p.index for p in pieces if isinstance(p, ToolCallStart)] == [0, 1]
+    assert not [p for p in pieces if isinstance(p, ContentPiece)]
+    assert parse_reply(["a < b and <tool"]) == [ContentPiece("a < b and "), ContentPiece("<tool")]

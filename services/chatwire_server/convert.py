@@ -506,11 +506,16 @@ def tool_choice_to_proto(
 
 def chunk_pieces(
     index: int, pieces: list[structured.ReplyPiece], logprobs: tuple[TokenLogprob, ...]
-) -> pb.ChatCompletionChunkChoice:
-    """One stream chunk's delta from parsed reply pieces: content text, or tool-call starts and arguments."""
-    choice = chunk_choice(index, logprobs=logprobs)
-    delta = choice.delta
+) -> list[pb.ChatCompletionChunkChoice]:
+    """Stream deltas from parsed reply pieces, as OpenAI streams them: each tool call opens with a delta of
+    its id, type, name and empty arguments alone; argument pieces follow in later deltas."""
+    deltas: list[pb.ChatCompletionChunkChoice] = []
+    current = None
     for piece in pieces:
+        if current is None or isinstance(piece, structured.ToolCallStart):
+            current = chunk_choice(index, logprobs=() if deltas else logprobs)
+            deltas.append(current)
+        delta = current.delta
         if isinstance(piece, structured.ContentPiece):
             delta.content = (delta.content if delta.HasField("content") else "") + piece.text
         elif isinstance(piece, structured.ToolCallStart):
@@ -520,11 +525,12 @@ def chunk_pieces(
                 type="function",
                 function=pb.FunctionCallDelta(name=piece.name, arguments=""),
             )
-        elif delta.tool_calls and delta.tool_calls[-1].index == piece.index:
+            current = None  # the call's arguments go in the next delta
+        elif delta.tool_calls:
             delta.tool_calls[-1].function.arguments += piece.text
         else:
             delta.tool_calls.add(index=piece.index, function=pb.FunctionCallDelta(arguments=piece.text))
-    return choice
+    return deltas or [chunk_choice(index, logprobs=logprobs)]
 
 
 def chunk_choice(

@@ -157,14 +157,16 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     else:
                         pieces = parsers[event.index].feed(event.text)
                         if pieces or event.logprobs:  # text held back as a possible `<tool_call>` waits
-                            yield chunk(convert.chunk_pieces(event.index, pieces, event.logprobs))
+                            for delta in convert.chunk_pieces(event.index, pieces, event.logprobs):
+                                yield chunk(delta)
                 else:
                     finished.append(event)
                     reason = event.finish_reason
                     if parsers is not None:
                         parser = parsers[event.index]
                         if rest := parser.finish():
-                            yield chunk(convert.chunk_pieces(event.index, rest, ()))
+                            for delta in convert.chunk_pieces(event.index, rest, ()):
+                                yield chunk(delta)
                         reason = "tool_calls" if parser.calls and reason == "stop" else reason
                     yield chunk(convert.chunk_choice(event.index, finish_reason=reason))
         if chat.include_usage:

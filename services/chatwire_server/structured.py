@@ -108,8 +108,22 @@ def check_schema(schema: Any, param: str, path: str = "") -> None:
                 check_schema(sub, param, f"{path}/{key}/{i}")
 
 
+# The converter's string characters admit raw control characters (and its regex `.` admits quotes), which
+# JSON forbids inside strings; llama.cpp's own converter excludes them, and so do we.
+_JSON_SAFE_CHAR = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+_JSON_SAFE_DOT = r'[^"\\\x7F\x00-\x1F]'
+
+
 def _converter() -> SchemaConverter:
     return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def _grammar_text(converter: SchemaConverter) -> str:
+    """The converter's rules as GBNF, with JSON-safe string characters."""
+    for rule, safe in (("char", _JSON_SAFE_CHAR), ("dot", _JSON_SAFE_DOT)):
+        if rule in converter._rules:
+            converter._rules[rule] = safe
+    return str(converter.format_grammar())
 
 
 def json_grammar(schema: dict[str, Any] | None, param: str) -> str:
@@ -123,7 +137,7 @@ def json_grammar(schema: dict[str, Any] | None, param: str) -> str:
         raise InvalidRequestError(
             f"The schema cannot be enforced: {exc}", param=param, code="unsupported_schema"
         ) from None
-    return str(converter.format_grammar())
+    return _grammar_text(converter)
 
 
 def tool_call_grammar(tools: list[Tool], *, parallel: bool) -> str:
@@ -144,7 +158,7 @@ def tool_call_grammar(tools: list[Tool], *, parallel: bool) -> str:
     open_tag, close_tag = converter._format_literal(TOOL_CALL_OPEN), converter._format_literal(TOOL_CALL_CLOSE)
     block = converter._add_rule("tool-call-block", f"{open_tag} ( {' | '.join(calls)} ) {close_tag}")
     converter._add_rule("root", f'{block} ( "\\n" {block} )*' if parallel else block)
-    return str(converter.format_grammar())
+    return _grammar_text(converter)
 
 
 def tools_prompt(tools: list[Tool], choice: str | None) -> str:
@@ -222,9 +236,12 @@ class ReplyParser:
                 return pieces
 
     def finish(self) -> list[ReplyPiece]:
-        """The end of the reply: text held back in case it began a tool call is content after all."""
+        """The end of the reply: text held back in case it began a tool call is content after all, unless
+        it is the cut-off start of one more call after earlier calls."""
         rest, self._buffer = self._buffer, ""
-        return [ContentPiece(rest)] if rest and self._state == "text" else []
+        if not rest or self._state != "text" or (self.calls and TOOL_CALL_OPEN.startswith(rest.lstrip())):
+            return []
+        return [ContentPiece(rest)]
 
     def _in_text(self, pieces: list[ReplyPiece]) -> None:
         at = self._buffer.find(TOOL_CALL_OPEN)

@@ -1,0 +1,477 @@
+"""Structured outputs and tool calls on the real model, through the Envoy edge with the official SDK and over
+gRPC. Every guarantee is checked over many sampled replies (several seeds, `n` choices each)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import grpc
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+from google.protobuf import json_format
+
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire.v1 import chat_service_pb2_grpc
+from conftest import MODEL, Stack, assert_valid, parse_sse
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "role": {"type": "string", "enum": ["admin", "user", "guest"]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON."}]
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"timezone": {"type": "string", "maxLength": 30}},
+    "required": ["timezone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+# A conversation that shows the model how it called tools before, so that with `auto` it often calls again.
+FEW_SHOT = [
+    {"role": "user", "content": "Weather in Rome?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "c"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+    {"role": "assistant", "content": "It is sunny in Rome."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_2", "content": "Rainy"},
+    {"role": "assistant", "content": "It is rainy in Paris."},
+    {"role": "user", "content": "Weather in Berlin?"},
+]
+SEEDS = (1, 2)
+N = 6
+
+
+def post(chatwire: Stack, **body: Any) -> dict[str, Any]:
+    reply = httpx.post(f"{chatwire.base_url}/chat/completions", json={"model": MODEL, **body}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def stream(chatwire: Stack, **body: Any) -> list[dict[str, Any]]:
+    reply = httpx.post(
+        f"{chatwire.base_url}/chat/completions", json={"model": MODEL, "stream": True, **body}, timeout=300
+    )
+    assert reply.status_code == 200, reply.text
+    events = parse_sse(reply.text)
+    assert events[-1] == "[DONE]"
+    for chunk in events[:-1]:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    return events[:-1]
+
+
+def streamed_choices(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Accumulate stream deltas per choice the way OpenAI's clients do."""
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            state = choices.setdefault(choice["index"], {"content": "", "tool_calls": {}, "finish_reason": None})
+            delta = choice["delta"]
+            state["content"] += delta.get("content") or ""
+            for call in delta.get("tool_calls", []):
+                if "id" in call:  # the first delta of a call carries everything but the arguments
+                    assert call["index"] not in state["tool_calls"]
+                    assert call["type"] == "function" and call["function"]["arguments"] == ""
+                    state["tool_calls"][call["index"]] = {
+                        "id": call["id"],
+                        "name": call["function"]["name"],
+                        "arguments": "",
+                    }
+                else:
+                    assert set(call) == {"index", "function"} and set(call["function"]) == {"arguments"}
+                state["tool_calls"][call["index"]]["arguments"] += call["function"]["arguments"]
+            state["finish_reason"] = choice["finish_reason"] or state["finish_reason"]
+    return choices
+
+
+# --- response_format -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_json_object_always_parses(chatwire: Stack, streaming: bool) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Describe a cat as JSON."}],
+        "n": N,
+        "max_tokens": 120,
+        "response_format": {"type": "json_object"},
+    }
+    finished = []
+    for seed in SEEDS:
+        if streaming:
+            choices = [
+                (c["content"], c["finish_reason"])
+                for c in streamed_choices(stream(chatwire, seed=seed, **body)).values()
+            ]
+        else:
+            reply = post(chatwire, seed=seed, **body)
+            assert_valid(reply, "CreateChatCompletionResponse")
+            choices = [(c["message"]["content"], c["finish_reason"]) for c in reply["choices"]]
+        for text, reason in choices:
+            assert reason in ("stop", "length")
+            if reason == "stop":
+                assert isinstance(json.loads(text), dict)
+                finished.append(text)
+    assert len(finished) >= N // 2, "too few replies ended on their own to prove anything"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_json_schema_always_validates(chatwire: Stack, streaming: bool) -> None:
+    body = {"messages": ASK_PERSON, "n": N, "max_tokens": 80, "response_format": PERSON_FORMAT}
+    valid = 0
+    for seed in SEEDS:
+        if streaming:
+            texts = [
+                (c["content"], c["finish_reason"])
+                for c in streamed_choices(stream(chatwire, seed=seed, **body)).values()
+            ]
+        else:
+            texts = [
+                (c["message"]["content"], c["finish_reason"]) for c in post(chatwire, seed=seed, **body)["choices"]
+            ]
+        for text, reason in texts:
+            if reason == "stop":
+                jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+                valid += 1
+    assert valid >= len(SEEDS) * N * 3 // 4
+
+
+def test_cut_off_structured_reply_ends_with_length(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_PERSON, max_tokens=3, response_format=PERSON_FORMAT
+    )  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "length"
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    species: Literal["cat", "dog", "fish"]
+    legs: int
+
+
+class Owner(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    pets: list[Pet] = pydantic.Field(max_length=2)
+
+
+def test_sdk_parse_returns_populated_models(client: openai.OpenAI) -> None:
+    parsed = 0
+    for seed in (1, 2, 3, 4):
+        try:
+            completion = client.chat.completions.parse(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Describe a pet owner."}],
+                response_format=Owner,
+                max_tokens=300,
+                seed=seed,
+            )
+        except openai.LengthFinishReasonError:  # the SDK refuses to parse a cut reply; that is not a failure
+            continue
+        assert isinstance(completion.choices[0].message.parsed, Owner)
+        parsed += 1
+    assert parsed >= 2
+
+
+def test_sdk_stream_helper_with_response_format(client: openai.OpenAI) -> None:
+    parsed = []
+    for seed in (4, 5, 6):
+        with client.chat.completions.stream(
+            model=MODEL,
+            messages=[{"role": "user", "content": "A pet, please."}],
+            response_format=Pet,
+            max_tokens=80,
+            seed=seed,
+        ) as events:
+            kinds = {event.type for event in events}
+            final = events.get_final_completion()
+        assert "content.delta" in kinds
+        if final.choices[0].finish_reason == "stop":
+            parsed.append(final.choices[0].message.parsed)
+    assert parsed and all(isinstance(p, Pet) for p in parsed)
+
+
+@pytest.mark.parametrize(
+    "schema, keyword",
+    [
+        ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "minimum"),
+        ({"type": "object", "properties": {"mail": {"type": "string", "format": "email"}}}, "email"),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "patternProperties"),
+        ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "https://example.com/s.json"),
+    ],
+)
+def test_unenforceable_schema_is_400_naming_the_feature(
+    client: openai.OpenAI, schema: dict[str, Any], keyword: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK_PERSON,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},  # type: ignore[typeddict-item]
+        )
+    assert caught.value.param == "response_format.json_schema.schema"
+    assert keyword in caught.value.message
+
+
+# --- tools ---------------------------------------------------------------------------------------------
+
+
+def check_calls(calls: list[dict[str, Any]], allowed: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call["id"].startswith("call_")
+        assert call["name"] in allowed
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+def unary_calls(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    message = choice["message"]
+    assert all(c["type"] == "function" for c in message["tool_calls"])
+    return [{"id": c["id"], **c["function"]} for c in message["tool_calls"]]
+
+
+def completed_calls(calls: list[dict[str, Any]], finish_reason: str) -> list[dict[str, Any]]:
+    """The calls a choice finished: all of them, or all but the last when `max_tokens` cut the reply."""
+    assert finish_reason in ("tool_calls", "length")
+    return calls if finish_reason == "tool_calls" else calls[:-1]
+
+
+@pytest.mark.parametrize(
+    "tool_choice, allowed",
+    [("required", {"get_weather", "get_time"}), ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})],
+    ids=["required", "named"],
+)
+def test_forced_tool_calls_always_validate(chatwire: Stack, tool_choice: Any, allowed: set[str]) -> None:
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": tool_choice, "n": N, "max_tokens": 120}
+    ids = []
+    for seed in SEEDS:
+        reply = post(chatwire, seed=seed, **body)
+        assert_valid(reply, "CreateChatCompletionResponse")
+        for choice in reply["choices"]:
+            calls = unary_calls(choice)
+            assert calls, "a forced tool choice must call"
+            if choice["finish_reason"] == "tool_calls":
+                assert choice["message"]["content"] is None
+            done = completed_calls(calls, choice["finish_reason"])
+            if done:
+                check_calls(done, allowed)
+            ids += [c["id"] for c in calls]
+    assert len(ids) >= N and len(set(ids)) == len(ids)
+
+
+def test_forced_tool_calls_stream_like_openai(chatwire: Stack) -> None:
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": "required", "n": N, "max_tokens": 120}
+    checked = 0
+    for seed in SEEDS:
+        for state in streamed_choices(stream(chatwire, seed=seed, **body)).values():
+            assert state["content"] == "" and state["tool_calls"]
+            done = completed_calls(list(state["tool_calls"].values()), state["finish_reason"])
+            if done:
+                check_calls(done, set(SCHEMAS))
+            checked += len(done)
+    assert checked >= N
+
+
+def test_stream_and_unary_rebuild_the_same_calls(chatwire: Stack) -> None:
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": "required", "max_tokens": 120, "temperature": 0}
+    unary = [{k: c[k] for k in ("name", "arguments")} for c in unary_calls(post(chatwire, **body)["choices"][0])]
+    streamed = [
+        {k: c[k] for k in ("name", "arguments")}
+        for c in streamed_choices(stream(chatwire, **body))[0]["tool_calls"].values()
+    ]
+    assert streamed == unary and unary
+
+
+def test_parallel_tool_calls_false_makes_one_call(chatwire: Stack) -> None:
+    body = {
+        "messages": ASK_WEATHER,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "n": N,
+        "max_tokens": 120,
+        "seed": 9,
+    }
+    for choice in post(chatwire, **body)["choices"]:
+        if choice["finish_reason"] == "tool_calls":
+            assert len(choice["message"]["tool_calls"]) == 1
+
+
+def test_auto_answers_in_text_or_valid_calls(chatwire: Stack) -> None:
+    body = {"messages": FEW_SHOT, "tools": TOOLS, "tool_choice": "auto", "n": N, "max_tokens": 120}
+    called = texts = 0
+    for seed in SEEDS:
+        for choice in post(chatwire, seed=seed, **body)["choices"]:
+            if choice["message"]["tool_calls"] and choice["finish_reason"] == "tool_calls":
+                check_calls(unary_calls(choice), set(SCHEMAS))
+                called += 1
+            elif not choice["message"]["tool_calls"]:
+                assert "<tool_call>" not in (choice["message"]["content"] or "")
+                texts += choice["finish_reason"] == "stop"
+    assert called >= 2, "the few-shot conversation should lead the model to call a tool"
+
+
+def test_sdk_stream_helper_rebuilds_tool_calls(client: openai.OpenAI) -> None:
+    class GetWeather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=30)
+        unit: Literal["c", "f"]
+
+    with client.chat.completions.stream(
+        model=MODEL,
+        messages=ASK_WEATHER,
+        tools=[openai.pydantic_function_tool(GetWeather)],  # type: ignore[arg-type]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+        seed=2,
+    ) as events:
+        done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+        final = events.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls" and calls
+    assert isinstance(calls[0].function.parsed_arguments, GetWeather)
+    assert [d.arguments for d in done] == [c.function.arguments for c in calls]
+
+
+def test_tool_round_trip_continues_the_conversation(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK_WEATHER,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=120,
+        seed=1,  # type: ignore[arg-type]
+    )
+    calls = first.choices[0].message.tool_calls or []
+    assert calls
+    follow_up = [
+        *ASK_WEATHER,
+        first.choices[0].message.model_dump(exclude_none=True),
+        *({"role": "tool", "tool_call_id": c.id, "content": "Sunny, 21 degrees"} for c in calls),
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=follow_up, tools=TOOLS, tool_choice="none", max_tokens=30
+    )  # type: ignore[arg-type]
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+def test_tool_message_with_unknown_call_id_is_400(client: openai.OpenAI) -> None:
+    messages = [*FEW_SHOT[:2], {"role": "tool", "tool_call_id": "call_nope", "content": "x"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert caught.value.param == "messages[2].tool_call_id"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "custom", "custom": {"name": "c"}}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_bad_tool_requests_are_400(chatwire: Stack, extra: dict[str, Any], param: str) -> None:
+    reply = httpx.post(
+        f"{chatwire.base_url}/chat/completions", json={"model": MODEL, "messages": ASK_WEATHER, **extra}, timeout=60
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+# --- gRPC ----------------------------------------------------------------------------------------------
+
+
+def grpc_request(**fields: Any) -> pb.CreateChatCompletionRequest:
+    return json_format.ParseDict({"model": MODEL, **fields}, pb.CreateChatCompletionRequest())
+
+
+def test_tool_calls_over_grpc(grpc_stub: chat_service_pb2_grpc.ChatServiceStub) -> None:
+    request = grpc_request(messages=ASK_WEATHER, tools=TOOLS, tool_choice="required", n=4, max_tokens=120, seed=3)
+    reply = grpc_stub.CreateChatCompletion(request, timeout=300)
+    for choice in reply.choices:
+        if choice.finish_reason == "tool_calls":
+            calls = [
+                {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                for c in choice.message.tool_calls
+            ]
+            check_calls(calls, set(SCHEMAS))
+            assert choice.message.content.WhichOneof("kind") == "null_value"
+    chunks = list(grpc_stub.StreamChatCompletion(request, timeout=300))
+    starts = [c for chunk in chunks for ch in chunk.choices for c in ch.delta.tool_calls if c.HasField("id")]
+    assert starts and all(s.type == "function" and s.function.name in SCHEMAS for s in starts)
+
+
+def test_json_schema_over_grpc(grpc_stub: chat_service_pb2_grpc.ChatServiceStub) -> None:
+    reply = grpc_stub.CreateChatCompletion(
+        grpc_request(messages=ASK_PERSON, response_format=PERSON_FORMAT, n=4, max_tokens=80, seed=5), timeout=300
+    )
+    assert any(c.finish_reason == "stop" for c in reply.choices)
+    for choice in reply.choices:
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content.string_value), PERSON_SCHEMA)
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_stub.CreateChatCompletion(
+            grpc_request(
+                messages=ASK_PERSON,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+            ),
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
