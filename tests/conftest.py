@@ -49,10 +49,10 @@ def _unique_base_id(ports: stack.Ports) -> int:
 
 
 @contextlib.contextmanager
-def run_envoy(ports: stack.Ports, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Envoy on `ports`, ready, stopped afterwards."""
+def run_envoy(ports: stack.Ports, log_path: Path, **edge: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Envoy on `ports` (edge settings overridden by `edge`), ready, stopped afterwards."""
     config = log_path.with_suffix(".yaml")
-    config.write_text(stack.render_envoy_config(ports))
+    config.write_text(stack.render_envoy_config(ports, **edge))
     with log_path.open("wb") as log:
         envoy = stack.start_envoy(config, _unique_base_id(ports), log)
         try:
@@ -82,13 +82,13 @@ def _dump_logs(*paths: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_stack(request: pytest.FixtureRequest, config: Path = stack.DEFAULT_CONFIG) -> Iterator[Stack]:
+def run_stack(request: pytest.FixtureRequest, config: Path = stack.DEFAULT_CONFIG, **edge: str) -> Iterator[Stack]:
     """Server and Envoy on free ports; their logs are printed if any test failed."""
     ports = stack.Ports(http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port())
     logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
     running = Stack(ports, logs / "server.log", logs / "envoy.log")
     try:
-        with run_server(ports.grpc, running.server_log, config), run_envoy(ports, running.envoy_log):
+        with run_server(ports.grpc, running.server_log, config), run_envoy(ports, running.envoy_log, **edge):
             yield running
     finally:
         if request.session.testsfailed:

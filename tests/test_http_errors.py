@@ -173,6 +173,11 @@ def test_service_down_is_503(edge_without_service: stack.Ports, stream: bool) ->
     assert error["type"] == "server_error"
 
 
+def test_health_says_503_when_the_service_is_down(edge_without_service: stack.Ports) -> None:
+    reply = httpx.get(f"http://127.0.0.1:{edge_without_service.http}/health", timeout=10)
+    error_of(reply, 503)
+
+
 def test_service_down_sdk_raises_status_error(edge_without_service: stack.Ports) -> None:
     down = openai.OpenAI(base_url=f"http://127.0.0.1:{edge_without_service.http}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.InternalServerError) as caught:

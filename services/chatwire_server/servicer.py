@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from functools import wraps
 from typing import Any, TypeVar
@@ -43,20 +45,43 @@ def _as_chatwire_error(exc: Exception, method: str) -> ChatwireError:
     return InternalError("The server had an error while processing your request.")
 
 
+@contextlib.contextmanager
+def _request_record(method: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
+    """One log line per RPC, with the edge's request id, the outcome and the duration."""
+    metadata = dict(context.invocation_metadata() or ())
+    record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
+    started = time.monotonic()
+    try:
+        yield record
+    except asyncio.CancelledError:
+        record["status"] = "CANCELLED"
+        raise
+    finally:
+        record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        log.info("request", extra=record)
+
+
+async def _fail(context: grpc.aio.ServicerContext, record: dict[str, Any], exc: Exception) -> None:
+    error = _as_chatwire_error(exc, record["method"])
+    record.update(status=error.status.name, error_code=error.code)
+    await _abort(context, error)
+
+
 def unary_errors(
     handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
-    """Map every failure of a unary handler to a gRPC status with an OpenAI error body."""
+    """Log a unary handler's calls and map every failure to a gRPC status with an OpenAI error body."""
 
     @wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
-        try:
-            return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, _as_chatwire_error(exc, handler.__name__))
-            raise AssertionError("unreachable: abort raises") from exc
+        with _request_record(handler.__name__, context) as record:
+            try:
+                return await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, record, exc)
+                raise AssertionError("unreachable: abort raises") from exc
 
     return wrapper
 
@@ -64,17 +89,18 @@ def unary_errors(
 def stream_errors(
     handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]:
-    """Map every failure of a streaming handler to a gRPC status with an OpenAI error body."""
+    """Log a streaming handler's calls and map every failure to a gRPC status with an OpenAI error body."""
 
     @wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
-        try:
-            async for response in handler(self, request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, _as_chatwire_error(exc, handler.__name__))
+        with _request_record(handler.__name__, context) as record:
+            try:
+                async for response in handler(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, record, exc)
 
     return wrapper
 

@@ -54,8 +54,21 @@ def envoy_binary() -> str:
     return found
 
 
-def render_envoy_config(ports: Ports, *, http_host: str = "127.0.0.1", grpc_host: str = "127.0.0.1") -> str:
-    """gateway/envoy.yaml with its placeholders filled."""
+# Edge settings: environment variable -> default. Documented in the README.
+EDGE_SETTINGS = {
+    "CHATWIRE_MAX_BODY_BYTES": "4194304",
+    "CHATWIRE_IDLE_TIMEOUT_S": "600",
+    "CHATWIRE_REQUEST_TIMEOUT_S": "0",
+    "CHATWIRE_CORS_ORIGIN_REGEX": "^$",  # matches no browser origin: CORS off
+}
+
+
+def render_envoy_config(
+    ports: Ports, *, http_host: str = "127.0.0.1", grpc_host: str = "127.0.0.1", **overrides: str
+) -> str:
+    """gateway/envoy.yaml with its placeholders filled: ports, then edge settings from `overrides`, the
+    environment, or their defaults."""
+    settings = {name: overrides.get(name, os.environ.get(name, default)) for name, default in EDGE_SETTINGS.items()}
     return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
         CHATWIRE_HTTP_HOST=http_host,
         CHATWIRE_HTTP_PORT=ports.http,
@@ -63,6 +76,7 @@ def render_envoy_config(ports: Ports, *, http_host: str = "127.0.0.1", grpc_host
         CHATWIRE_GRPC_HOST=grpc_host,
         CHATWIRE_GRPC_PORT=ports.grpc,
         CHATWIRE_DESCRIPTOR=DESCRIPTOR,
+        **settings,
     )
 
 
