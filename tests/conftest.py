@@ -63,10 +63,12 @@ def run_envoy(ports: stack.Ports, log_path: Path, **edge: str) -> Iterator[subpr
 
 
 @contextlib.contextmanager
-def run_server(port: int, log_path: Path, config: Path = stack.DEFAULT_CONFIG) -> Iterator[subprocess.Popen[bytes]]:
+def run_server(
+    port: int, log_path: Path, config: Path = stack.DEFAULT_CONFIG, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """The gRPC server (by default with the default model), serving, stopped afterwards."""
     with log_path.open("wb") as log:
-        server = stack.start_server(port, log, config=config)
+        server = stack.start_server(port, log, config=config, env=env)
         try:
             stack.wait_for_server(port, server)
             yield server
@@ -82,13 +84,21 @@ def _dump_logs(*paths: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_stack(request: pytest.FixtureRequest, config: Path = stack.DEFAULT_CONFIG, **edge: str) -> Iterator[Stack]:
-    """Server and Envoy on free ports; their logs are printed if any test failed."""
+def run_stack(
+    request: pytest.FixtureRequest,
+    config: Path = stack.DEFAULT_CONFIG,
+    server_env: dict[str, str] | None = None,
+    **edge: str,
+) -> Iterator[Stack]:
+    """Server (with `server_env`) and Envoy (with `edge` settings) on free ports; logs printed on failure."""
     ports = stack.Ports(http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port())
     logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
     running = Stack(ports, logs / "server.log", logs / "envoy.log")
     try:
-        with run_server(ports.grpc, running.server_log, config), run_envoy(ports, running.envoy_log, **edge):
+        with (
+            run_server(ports.grpc, running.server_log, config, server_env),
+            run_envoy(ports, running.envoy_log, **edge),
+        ):
             yield running
     finally:
         if request.session.testsfailed:

@@ -39,6 +39,16 @@ class InvalidRequestError(ChatwireError):
     error_type = "invalid_request_error"
 
 
+class AuthenticationError(ChatwireError):
+    """No API key, or a wrong one (HTTP 401)."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
 class ModelNotFoundError(ChatwireError):
     """No model has the requested id (HTTP 404)."""
 

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
 from chatwire_server import logs
+from chatwire_server.auth import Authenticator
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.servicer import ChatServicer
 
@@ -29,9 +30,15 @@ SHUTDOWN_GRACE_S = 10.0
 
 async def serve(host: str, port: int, config: Path) -> None:
     """Load the models, serve until SIGTERM/SIGINT, then drain."""
+    authenticator = Authenticator.from_environment()
+    if not authenticator.enabled:
+        log.warning(
+            "AUTHENTICATION IS OFF: no API keys configured (CHATWIRE_API_KEYS / CHATWIRE_API_KEYS_FILE); "
+            "anyone who can reach the ports can use the service. Fine on a laptop, not on a network."
+        )
     registry = await asyncio.to_thread(ModelRegistry.from_config, config)
     server = grpc.aio.server()
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry), server)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry, authenticator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)

@@ -17,6 +17,7 @@ import grpc
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
 from chatwire_server import convert
+from chatwire_server.auth import Authenticator
 from chatwire_server.domain import Finished, TextDelta, TokenLogprob
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
 from chatwire_server.registry import ModelRegistry
@@ -73,9 +74,10 @@ def unary_errors(
     """Log a unary handler's calls and map every failure to a gRPC status with an OpenAI error body."""
 
     @wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> Response:
         with _request_record(handler.__name__, context) as record:
             try:
+                record["key"] = self.authenticate(context)
                 return await handler(self, request, context)
             except grpc.aio.AbortError:
                 raise
@@ -92,9 +94,10 @@ def stream_errors(
     """Log a streaming handler's calls and map every failure to a gRPC status with an OpenAI error body."""
 
     @wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
         with _request_record(handler.__name__, context) as record:
             try:
+                record["key"] = self.authenticate(context)
                 async for response in handler(self, request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -108,8 +111,14 @@ def stream_errors(
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     """Serves `chatwire.v1.ChatService` from a model registry."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, authenticator: Authenticator | None = None) -> None:
         self._registry = registry
+        self._authenticator = authenticator or Authenticator([])
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's key id; every RPC of this service checks the key first (health and reflection,
+        separate services, stay open)."""
+        return self._authenticator.key_id(dict(context.invocation_metadata() or ()))
 
     @unary_errors
     async def CreateChatCompletion(

@@ -93,9 +93,13 @@ def server_command(port: int, config: Path = DEFAULT_CONFIG) -> list[str]:
     return [sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)]
 
 
-def start_server(port: int, log: IO[bytes], *, config: Path = DEFAULT_CONFIG) -> subprocess.Popen[bytes]:
-    """Start the gRPC server on 127.0.0.1:`port`."""
-    return subprocess.Popen(server_command(port, config), env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+def start_server(
+    port: int, log: IO[bytes], *, config: Path = DEFAULT_CONFIG, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the gRPC server on 127.0.0.1:`port`, with `env` added to its environment."""
+    return subprocess.Popen(
+        server_command(port, config), env={**python_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def start_envoy(config_path: Path, base_id: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
