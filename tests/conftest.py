@@ -64,11 +64,15 @@ def run_envoy(ports: stack.Ports, log_path: Path, **edge: str) -> Iterator[subpr
 
 @contextlib.contextmanager
 def run_server(
-    port: int, log_path: Path, config: Path = stack.DEFAULT_CONFIG, env: dict[str, str] | None = None
+    port: int,
+    log_path: Path,
+    config: Path = stack.DEFAULT_CONFIG,
+    env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The gRPC server (by default with the default model), serving, stopped afterwards."""
     with log_path.open("wb") as log:
-        server = stack.start_server(port, log, config=config, env=env)
+        server = stack.start_server(port, log, config=config, env=env, metrics_port=metrics_port)
         try:
             stack.wait_for_server(port, server)
             yield server
@@ -91,12 +95,14 @@ def run_stack(
     **edge: str,
 ) -> Iterator[Stack]:
     """Server (with `server_env`) and Envoy (with `edge` settings) on free ports; logs printed on failure."""
-    ports = stack.Ports(http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port())
+    ports = stack.Ports(
+        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
+    )
     logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
     running = Stack(ports, logs / "server.log", logs / "envoy.log")
     try:
         with (
-            run_server(ports.grpc, running.server_log, config, server_env),
+            run_server(ports.grpc, running.server_log, config, server_env, ports.metrics),
             run_envoy(ports, running.envoy_log, **edge),
         ):
             yield running

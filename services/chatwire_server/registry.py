@@ -77,6 +77,9 @@ class ModelRegistry:
         except KeyError:
             raise ModelNotFoundError(model_id) from None
 
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._entries
+
     def all(self) -> list[ModelEntry]:
         """Every entry, in config order."""
         return list(self._entries.values())

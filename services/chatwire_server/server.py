@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
-from chatwire_server import logs
+from chatwire_server import logs, metrics
 from chatwire_server.auth import Authenticator
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.servicer import ChatServicer
@@ -28,7 +28,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "models.toml"
 SHUTDOWN_GRACE_S = 10.0
 
 
-async def serve(host: str, port: int, config: Path) -> None:
+async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0.1", metrics_port: int = 9464) -> None:
     """Load the models, serve until SIGTERM/SIGINT, then drain."""
     authenticator = Authenticator.from_environment()
     if not authenticator.enabled:
@@ -37,6 +37,10 @@ async def serve(host: str, port: int, config: Path) -> None:
             "anyone who can reach the ports can use the service. Fine on a laptop, not on a network."
         )
     registry = await asyncio.to_thread(ModelRegistry.from_config, config)
+    for entry in registry.all():
+        metrics.watch_engine(entry.id, entry.engine.stats)
+    bound_metrics = metrics.serve(metrics_host, metrics_port)
+    log.info("metrics", extra={"url": f"http://{metrics_host}:{bound_metrics}/metrics"})
     server = grpc.aio.server()
     chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry, authenticator), server)
     health_servicer = health.aio.HealthServicer()
@@ -68,10 +72,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")))
     parser.add_argument("--config", type=Path, default=Path(os.environ.get("CHATWIRE_CONFIG", DEFAULT_CONFIG)))
     parser.add_argument("--log-level", default=os.environ.get("CHATWIRE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--metrics-host", default=os.environ.get("CHATWIRE_METRICS_HOST", "127.0.0.1"))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("CHATWIRE_METRICS_PORT", "9464")))
     args = parser.parse_args()
     logs.configure(args.log_level)
     try:
-        asyncio.run(serve(args.host, args.port, args.config))
+        asyncio.run(serve(args.host, args.port, args.config, args.metrics_host, args.metrics_port))
     except (OSError, ValueError, KeyError) as exc:  # a bad config or model file: say so, no traceback
         log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}", "config": str(args.config)})
         sys.exit(2)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from functools import wraps
 from typing import Any, TypeVar
@@ -16,9 +16,9 @@ import grpc
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-from chatwire_server import convert
+from chatwire_server import convert, metrics
 from chatwire_server.auth import Authenticator
-from chatwire_server.domain import Finished, TextDelta, TokenLogprob
+from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
@@ -47,10 +47,12 @@ def _as_chatwire_error(exc: Exception, method: str) -> ChatwireError:
 
 
 @contextlib.contextmanager
-def _request_record(method: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
-    """One log line per RPC, with the edge's request id, the outcome and the duration."""
+def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
+    """One log line and the request metrics per RPC, with the edge's request id, outcome and duration."""
     metadata = dict(context.invocation_metadata() or ())
     record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
+    if model:
+        record["model"] = model
     started = time.monotonic()
     try:
         yield record
@@ -58,8 +60,11 @@ def _request_record(method: str, context: grpc.aio.ServicerContext) -> Iterator[
         record["status"] = "CANCELLED"
         raise
     finally:
-        record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        duration = time.monotonic() - started
+        record["duration_ms"] = round(duration * 1000, 1)
         log.info("request", extra=record)
+        metrics.REQUESTS.labels(method, model, record["status"]).inc()
+        metrics.REQUEST_SECONDS.labels(method, model).observe(duration)
 
 
 async def _fail(context: grpc.aio.ServicerContext, record: dict[str, Any], exc: Exception) -> None:
@@ -75,7 +80,7 @@ def unary_errors(
 
     @wraps(handler)
     async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> Response:
-        with _request_record(handler.__name__, context) as record:
+        with _request_record(handler.__name__, self.model_label(request), context) as record:
             try:
                 record["key"] = self.authenticate(context)
                 return await handler(self, request, context)
@@ -95,7 +100,7 @@ def stream_errors(
 
     @wraps(handler)
     async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
-        with _request_record(handler.__name__, context) as record:
+        with _request_record(handler.__name__, self.model_label(request), context) as record:
             try:
                 record["key"] = self.authenticate(context)
                 async for response in handler(self, request, context):
@@ -115,6 +120,11 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self._registry = registry
         self._authenticator = authenticator or Authenticator([])
 
+    def model_label(self, request: Any) -> str:
+        """The model a request names, for metrics: only served ids, so labels stay few."""
+        model = getattr(request, "model", "")
+        return model if model in self._registry else ("unknown" if model else "")
+
     def authenticate(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's key id; every RPC of this service checks the key first (health and reflection,
         separate services, stay open)."""
@@ -125,11 +135,10 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateChatCompletionResponse:
         chat = convert.chat_request_from_proto(request)
-        engine = self._registry.get(chat.model).engine
         texts: list[list[str]] = [[] for _ in range(chat.n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(chat.n)]
         finished: list[Finished] = []
-        async with aclosing(engine.generate(chat)) as events:
+        async with aclosing(self._generate(chat)) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
                     texts[event.index].append(event.text)
@@ -160,7 +169,6 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
         chat = convert.chat_request_from_proto(request)
-        engine = self._registry.get(chat.model).engine
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
@@ -179,7 +187,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         finished: list[Finished] = []
         # Closing the engine's stream, also when the client goes away, stops generation. Errors the engine
         # finds before generating (context length, a full queue) come before any chunk: a plain HTTP error.
-        async with aclosing(engine.generate(chat)) as events:
+        async with aclosing(self._generate(chat)) as events:
             started = False
             async for event in events:
                 if not started:
@@ -208,6 +216,25 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             yield chunk(usage=convert.usage_to_proto(finished))
         if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":
             yield SSE_DONE_SENTINEL
+
+    async def _generate(self, chat: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
+        """The engine's events for `chat`, with time to first token and token counts recorded."""
+        engine = self._registry.get(chat.model).engine
+        started = time.monotonic()
+        waiting_for_first = True
+        finished: list[Finished] = []
+        async with aclosing(engine.generate(chat)) as events:
+            async for event in events:
+                if waiting_for_first and isinstance(event, TextDelta):
+                    metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
+                    waiting_for_first = False
+                elif isinstance(event, Finished):
+                    finished.append(event)
+                yield event
+        if finished:
+            metrics.PROMPT_TOKENS.labels(chat.model).inc(finished[0].prompt_tokens)
+            metrics.CACHED_TOKENS.labels(chat.model).inc(finished[0].cached_tokens)
+            metrics.COMPLETION_TOKENS.labels(chat.model).inc(sum(f.completion_tokens for f in finished))
 
     @unary_errors
     async def ListModels(

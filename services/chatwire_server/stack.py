@@ -36,6 +36,7 @@ class Ports:
     http: int
     grpc: int
     admin: int
+    metrics: int = 9464
 
 
 def free_port() -> int:
@@ -88,17 +89,29 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def server_command(port: int, config: Path = DEFAULT_CONFIG) -> list[str]:
-    """The command line of the gRPC server on 127.0.0.1:`port`."""
-    return [sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)]
+def server_command(port: int, config: Path = DEFAULT_CONFIG, metrics_port: int | None = None) -> list[str]:
+    """The command line of the gRPC server on 127.0.0.1:`port` (metrics on a free port unless given)."""
+    metrics = metrics_port if metrics_port is not None else free_port()
+    return [
+        *(sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)),
+        *("--metrics-port", str(metrics)),
+    ]
 
 
 def start_server(
-    port: int, log: IO[bytes], *, config: Path = DEFAULT_CONFIG, env: dict[str, str] | None = None
+    port: int,
+    log: IO[bytes],
+    *,
+    config: Path = DEFAULT_CONFIG,
+    env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the gRPC server on 127.0.0.1:`port`, with `env` added to its environment."""
     return subprocess.Popen(
-        server_command(port, config), env={**python_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        server_command(port, config, metrics_port),
+        env={**python_env(), **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -162,14 +175,16 @@ def main() -> None:
         http=int(os.environ.get("CHATWIRE_HTTP_PORT", "8080")),
         grpc=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")),
         admin=int(os.environ.get("CHATWIRE_ADMIN_PORT", "9901")),
+        metrics=int(os.environ.get("CHATWIRE_METRICS_PORT", "9464")),
     )
     run_dir = REPO / "build" / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     envoy_config = run_dir / "envoy.yaml"
     envoy_config.write_text(render_envoy_config(ports))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    auth_on = bool(os.environ.get("CHATWIRE_API_KEYS") or os.environ.get("CHATWIRE_API_KEYS_FILE"))
     # Children log straight to this terminal.
-    server = start_server(ports.grpc, sys.stdout.buffer)
+    server = start_server(ports.grpc, sys.stdout.buffer, metrics_port=ports.metrics)
     envoy = None
     try:
         wait_for_server(ports.grpc, server)
@@ -179,7 +194,11 @@ def main() -> None:
             f"\nchatwire is up:\n"
             f"  OpenAI HTTP API  http://127.0.0.1:{ports.http}/v1/chat/completions\n"
             f"  gRPC API         127.0.0.1:{ports.grpc} (chatwire.v1.ChatService, reflection on)\n"
+            f"  Health           http://127.0.0.1:{ports.http}/health\n"
+            f"  Service metrics  http://127.0.0.1:{ports.metrics}/metrics (Prometheus)\n"
+            f"  Envoy stats      http://127.0.0.1:{ports.admin}/stats/prometheus\n"
             f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"
+            f"  API keys         {'on' if auth_on else 'OFF: anyone who reaches the ports can use it'}\n"
             "Ctrl-C stops both.\n",
             flush=True,
         )

@@ -23,6 +23,10 @@ class Engine(Protocol):
         """The model's context window in tokens."""
         ...
 
+    def stats(self) -> dict[str, int]:
+        """`queued_requests`, `running_sequences` and `cached_prefixes`, for metrics."""
+        ...
+
     async def close(self) -> None:
         """Stop generating and free the model."""
         ...

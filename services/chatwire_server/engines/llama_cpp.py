@@ -190,6 +190,14 @@ class LlamaCppEngine:
         """The longest prompt + completion of one request, in tokens."""
         return self._max_context
 
+    def stats(self) -> dict[str, int]:
+        """Scheduler state for metrics (read without the lock: each figure is one atomic read)."""
+        return {
+            "queued_requests": len(self._queue),
+            "running_sequences": len(self._running) + len(self._prefilling),
+            "cached_prefixes": len(self._prefix_cache),
+        }
+
     def tokenize_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Render the conversation with the model's chat template and tokenize it."""
         # The formatter's type hints name OpenAI's TypedDicts; plain dicts are what it reads.
