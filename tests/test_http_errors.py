@@ -117,6 +117,8 @@ def test_nested_wrong_type_names_the_nested_field(chatwire: Stack) -> None:
         ({"model": MODEL, "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL, "messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"model": MODEL, "messages": USER, "stream": True, "temperature": -1}, "temperature"),
+        ({"model": MODEL, "messages": USER, "n": 16}, "n"),  # 16 x the context's room: over the budget
+        ({"model": MODEL, "messages": USER, "n": 128, "max_tokens": 1000}, "n"),
     ],
 )
 def test_invalid_fields_name_the_param(chatwire: Stack, body: dict[str, object], param: str) -> None:

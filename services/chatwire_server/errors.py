@@ -13,11 +13,23 @@ class ChatwireError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     error_type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        metadata: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        if error_type is not None:
+            self.error_type = error_type
+        # Extra trailing metadata, which the edge returns as HTTP headers (e.g. `retry-after`).
+        self.metadata = metadata or []
 
     def to_openai_json(self) -> str:
         """The OpenAI error body. ASCII-only, so it can travel as gRPC metadata."""

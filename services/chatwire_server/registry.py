@@ -23,8 +23,17 @@ def _llama_cpp_engine(settings: dict[str, Any]) -> Engine:
     return LlamaCppEngine.from_settings(settings)
 
 
+def _scripted_engine(settings: dict[str, Any]) -> Engine:
+    from chatwire_server.engines.scripted import ScriptedEngine
+
+    return ScriptedEngine.from_settings(settings)
+
+
 # Engine kinds a config file may name.
-ENGINE_FACTORIES: dict[str, Callable[[dict[str, Any]], Engine]] = {"llama_cpp": _llama_cpp_engine}
+ENGINE_FACTORIES: dict[str, Callable[[dict[str, Any]], Engine]] = {
+    "llama_cpp": _llama_cpp_engine,
+    "scripted": _scripted_engine,
+}
 
 
 @dataclass(frozen=True)

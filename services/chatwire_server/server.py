@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
 from chatwire_server import logs, metrics
 from chatwire_server.auth import Authenticator
+from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.servicer import ChatServicer
 
@@ -42,7 +43,11 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     bound_metrics = metrics.serve(metrics_host, metrics_port)
     log.info("metrics", extra={"url": f"http://{metrics_host}:{bound_metrics}/metrics"})
     server = grpc.aio.server()
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry, authenticator), server)
+    limiter = RateLimiter(
+        requests_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_RPM", "0")),
+        tokens_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_TPM", "0")),
+    )
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry, authenticator, limiter), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)

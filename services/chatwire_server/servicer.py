@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from chatwire_server import convert, metrics
 from chatwire_server.auth import Authenticator
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
+from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
 
@@ -29,13 +31,22 @@ log = logging.getLogger(__name__)
 # which the edge rewrites to `data: [DONE]`.
 SSE_METADATA_KEY = "x-chatwire-sse"
 SSE_DONE_SENTINEL = pb.CreateChatCompletionStreamResponse(object="chatwire.stream.done")
+# A chunk whose `id` holds the OpenAI error body of a stream that failed after it started (edge only).
+SSE_ERROR_OBJECT = "chatwire.stream.error"
+
+
+def _wants_sse(context: grpc.aio.ServicerContext) -> bool:
+    return dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1"
+
 
 Response = TypeVar("Response")
+# The key id of the RPC being served (each RPC runs in its own task, so its own context).
+_CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_caller_key", default="open")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
     """Fail the RPC with the error's status code and its OpenAI body as trailing metadata."""
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()),))
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata))
     await context.abort(error.status, error.message)
 
 
@@ -82,8 +93,12 @@ def unary_errors(
     async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> Response:
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             try:
-                record["key"] = self.authenticate(context)
-                return await handler(self, request, context)
+                record["key"], headers = self.admit(context)
+                response = await handler(self, request, context)
+                # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
+                if headers:
+                    await context.send_initial_metadata(headers)
+                return response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -101,14 +116,27 @@ def stream_errors(
     @wraps(handler)
     async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
         with _request_record(handler.__name__, self.model_label(request), context) as record:
+            started = False
             try:
-                record["key"] = self.authenticate(context)
+                record["key"], headers = self.admit(context)
                 async for response in handler(self, request, context):
+                    if headers:  # with the first chunk (see the unary wrapper)
+                        await context.send_initial_metadata(headers)
+                        headers = []
+                    started = True
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _fail(context, record, exc)
+                if started and _wants_sse(context):
+                    # The HTTP status is long sent: the edge turns these sentinels into a last
+                    # `data: {"error": ...}` event and `data: [DONE]`, as OpenAI ends a failed stream.
+                    error = _as_chatwire_error(exc, record["method"])
+                    record.update(status=error.status.name, error_code=error.code)
+                    yield pb.CreateChatCompletionStreamResponse(id=error.to_openai_json(), object=SSE_ERROR_OBJECT)
+                    yield SSE_DONE_SENTINEL
+                else:
+                    await _fail(context, record, exc)
 
     return wrapper
 
@@ -116,9 +144,23 @@ def stream_errors(
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     """Serves `chatwire.v1.ChatService` from a model registry."""
 
-    def __init__(self, registry: ModelRegistry, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        authenticator: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self._registry = registry
         self._authenticator = authenticator or Authenticator([])
+        self._limiter = limiter or RateLimiter()
+
+    def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, list[tuple[str, str]]]:
+        """Check the caller's key and rate limits before any work. Returns the key id and the limits' state
+        as metadata (the edge returns it as OpenAI's `x-ratelimit-*` headers)."""
+        key = self.authenticate(context)
+        headers = self._limiter.admit(key) if self._limiter.enabled else []
+        _CALLER_KEY.set(key)
+        return key, headers
 
     def model_label(self, request: Any) -> str:
         """The model a request names, for metrics: only served ids, so labels stay few."""
@@ -214,7 +256,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     yield chunk(convert.chunk_choice(event.index, finish_reason=reason))
         if chat.include_usage:
             yield chunk(usage=convert.usage_to_proto(finished))
-        if dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1":
+        if _wants_sse(context):
             yield SSE_DONE_SENTINEL
 
     async def _generate(self, chat: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
@@ -232,6 +274,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     finished.append(event)
                 yield event
         if finished:
+            self._limiter.spend(
+                _CALLER_KEY.get(), finished[0].prompt_tokens + sum(f.completion_tokens for f in finished)
+            )
             metrics.PROMPT_TOKENS.labels(chat.model).inc(finished[0].prompt_tokens)
             metrics.CACHED_TOKENS.labels(chat.model).inc(finished[0].cached_tokens)
             metrics.COMPLETION_TOKENS.labels(chat.model).inc(sum(f.completion_tokens for f in finished))

@@ -55,6 +55,8 @@ class EngineSettings:
     max_sequences: int = 128
     # Requests waiting for admission before new ones get a 429.
     max_queued_requests: int = 64
+    # Most tokens one request may ask for: n x max_tokens (max_tokens unset counts as the context's room).
+    max_completion_budget: int = 65536
     # Prompt tokens evaluated per step while other sequences decode: bounds how long a long prompt stalls them.
     prefill_chunk: int = 128
     # llama.cpp threads; None means one per core.
@@ -226,6 +228,14 @@ class LlamaCppEngine:
                 )
         prompt = self.tokenize_prompt(request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
+        if request.n * budget > self._settings.max_completion_budget:
+            raise InvalidRequestError(
+                f"This request may generate {request.n} x {budget} = {request.n * budget} tokens, more than the "
+                f"{self._settings.max_completion_budget} allowed per request: lower 'n' or set a smaller "
+                "'max_completion_tokens'.",
+                param="n",
+                code="invalid_value",
+            )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
 
@@ -259,6 +269,7 @@ class LlamaCppEngine:
                 raise RateLimitError(
                     "The server is at capacity: too many requests are waiting. Retry shortly.",
                     code="rate_limit_exceeded",
+                    metadata=[("retry-after", "1")],
                 )
             if job.n > self._settings.max_sequences:
                 raise InvalidRequestError(

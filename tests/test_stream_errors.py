@@ -1,0 +1,84 @@
+"""Errors after a stream has started: OpenAI's clients get a last `data: {"error": ...}` event and `[DONE]`;
+gRPC callers get the status code. The scripted engine fails on cue; the real model serves beside it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from google.protobuf import json_format
+
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire.v1 import chat_service_pb2_grpc
+from chatwire_server import stack
+from conftest import MODEL, Stack, assert_valid, parse_sse, run_stack
+
+FAILING = "scripted-failing"
+HELLO = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def with_failing_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = tmp_path_factory.mktemp("config") / "models.toml"
+    config.write_text(
+        stack.DEFAULT_CONFIG.read_text() + f'\n[[models]]\nid = "{FAILING}"\nengine = "scripted"\n\n[models.settings]\n'
+        'reply = "one two three four five"\nfail_after = 3\n'
+    )
+    with run_stack(request, Path(config)) as running:
+        yield running
+
+
+def test_sse_stream_ends_with_an_error_event_then_done(with_failing_model: Stack) -> None:
+    reply = httpx.post(
+        f"{with_failing_model.base_url}/chat/completions",
+        json={"model": FAILING, "messages": HELLO, "stream": True},
+        timeout=60,
+    )
+    assert reply.status_code == 200  # the status went out with the first chunk
+    events = parse_sse(reply.text)
+    assert events[-1] == "[DONE]"
+    error = events[-2]
+    assert_valid(error, "ErrorResponse")
+    assert error["error"]["type"] == "server_error" and "failed mid-reply" in error["error"]["message"]
+    chunks = events[:-2]
+    for chunk in chunks:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "one two three"
+
+
+def test_sdk_raises_on_the_error_event(with_failing_model: Stack) -> None:
+    client = openai.OpenAI(base_url=with_failing_model.base_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in client.chat.completions.create(model=FAILING, messages=HELLO, stream=True):  # type: ignore[arg-type]
+            pass
+    assert "failed mid-reply" in str(caught.value)
+
+
+def test_unary_failure_is_503(with_failing_model: Stack) -> None:
+    reply = httpx.post(
+        f"{with_failing_model.base_url}/chat/completions", json={"model": FAILING, "messages": HELLO}, timeout=60
+    )
+    assert reply.status_code == 503 and reply.json()["error"]["type"] == "server_error"
+
+
+def test_grpc_stream_fails_with_a_status(with_failing_model: Stack) -> None:
+    request = json_format.ParseDict({"model": FAILING, "messages": HELLO}, pb.CreateChatCompletionRequest())
+    received = []
+    with grpc.insecure_channel(with_failing_model.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            for chunk in chat_service_pb2_grpc.ChatServiceStub(channel).StreamChatCompletion(request, timeout=60):
+                received.append(chunk)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert json.loads(dict(caught.value.trailing_metadata())["x-chatwire-error"])["error"]["type"] == "server_error"  # type: ignore[attr-defined]
+    assert len(received) == 4 and all(c.object == "chat.completion.chunk" for c in received)
+
+
+def test_the_real_model_still_serves_beside_it(with_failing_model: Stack) -> None:
+    client = openai.OpenAI(base_url=with_failing_model.base_url, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL, FAILING]
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices  # type: ignore[arg-type]
