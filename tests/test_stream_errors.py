@@ -4,6 +4,8 @@ gRPC callers get the status code. The scripted engine fails on cue; the real mod
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import stack
-from conftest import MODEL, Stack, assert_valid, parse_sse, run_stack
+from conftest import MODEL, Stack, assert_valid, parse_sse, run_envoy, run_server, run_stack
 
 FAILING = "scripted-failing"
 HELLO = [{"role": "user", "content": "Hi"}]
@@ -82,3 +84,27 @@ def test_the_real_model_still_serves_beside_it(with_failing_model: Stack) -> Non
     client = openai.OpenAI(base_url=with_failing_model.base_url, api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == [MODEL, FAILING]
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices  # type: ignore[arg-type]
+
+
+def test_after_the_service_is_killed_the_edge_answers_503(tmp_path: Path) -> None:
+    ports = stack.Ports(
+        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
+    )
+    logs = tmp_path
+    with (
+        run_server(ports.grpc, logs / "server.log", metrics_port=ports.metrics) as server,
+        run_envoy(ports, logs / "envoy.log"),
+    ):
+        base = f"http://127.0.0.1:{ports.http}"
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/health", timeout=10).status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.5)  # Envoy's health checks notice within a few seconds
+        health = httpx.get(f"{base}/health", timeout=10)
+        assert health.status_code == 503
+        reply = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": HELLO}, timeout=30)
+        assert reply.status_code == 503
+        assert_valid(reply.json(), "ErrorResponse")
+        assert reply.json()["error"]["code"] == "service_unavailable"
