@@ -1,144 +1,24 @@
-"""The gRPC servicer: proto in, engine events out, proto back. Thin on purpose."""
+"""The gRPC servicer: proto in, engine events out, proto back. Thin on purpose: the RPC boundary (auth,
+limits, logs, metrics, error mapping) is in `rpc`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
-import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-from chatwire_server import convert, metrics
+from chatwire_server import convert, metrics, rpc
 from chatwire_server.auth import Authenticator
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
-from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
 from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
-
-log = logging.getLogger(__name__)
-
-# Request metadata the Envoy edge sets on streams it frames as SSE: end them with a sentinel chunk,
-# which the edge rewrites to `data: [DONE]`.
-SSE_METADATA_KEY = "x-chatwire-sse"
-SSE_DONE_SENTINEL = pb.CreateChatCompletionStreamResponse(object="chatwire.stream.done")
-# A chunk whose `id` holds the OpenAI error body of a stream that failed after it started (edge only).
-SSE_ERROR_OBJECT = "chatwire.stream.error"
-
-
-def _wants_sse(context: grpc.aio.ServicerContext) -> bool:
-    return dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1"
-
-
-Response = TypeVar("Response")
-# The key id of the RPC being served (each RPC runs in its own task, so its own context).
-_CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_caller_key", default="open")
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
-    """Fail the RPC with the error's status code and its OpenAI body as trailing metadata."""
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata))
-    await context.abort(error.status, error.message)
-
-
-def _as_chatwire_error(exc: Exception, method: str) -> ChatwireError:
-    if isinstance(exc, ChatwireError):
-        return exc
-    log.exception("unexpected error", extra={"method": method})
-    return InternalError("The server had an error while processing your request.")
-
-
-@contextlib.contextmanager
-def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
-    """One log line and the request metrics per RPC, with the edge's request id, outcome and duration."""
-    metadata = dict(context.invocation_metadata() or ())
-    record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
-    if model:
-        record["model"] = model
-    started = time.monotonic()
-    try:
-        yield record
-    except asyncio.CancelledError:
-        record["status"] = "CANCELLED"
-        raise
-    finally:
-        duration = time.monotonic() - started
-        record["duration_ms"] = round(duration * 1000, 1)
-        log.info("request", extra=record)
-        metrics.REQUESTS.labels(method, model, record["status"]).inc()
-        metrics.REQUEST_SECONDS.labels(method, model).observe(duration)
-
-
-async def _fail(context: grpc.aio.ServicerContext, record: dict[str, Any], exc: Exception) -> None:
-    error = _as_chatwire_error(exc, record["method"])
-    record.update(status=error.status.name, error_code=error.code)
-    await _abort(context, error)
-
-
-def unary_errors(
-    handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
-    """Log a unary handler's calls and map every failure to a gRPC status with an OpenAI error body."""
-
-    @wraps(handler)
-    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> Response:
-        with _request_record(handler.__name__, self.model_label(request), context) as record:
-            try:
-                record["key"], headers = self.admit(context)
-                response = await handler(self, request, context)
-                # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
-                if headers:
-                    await context.send_initial_metadata(headers)
-                return response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(context, record, exc)
-                raise AssertionError("unreachable: abort raises") from exc
-
-    return wrapper
-
-
-def stream_errors(
-    handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]:
-    """Log a streaming handler's calls and map every failure to a gRPC status with an OpenAI error body."""
-
-    @wraps(handler)
-    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
-        with _request_record(handler.__name__, self.model_label(request), context) as record:
-            started = False
-            try:
-                record["key"], headers = self.admit(context)
-                async for response in handler(self, request, context):
-                    if headers:  # with the first chunk (see the unary wrapper)
-                        await context.send_initial_metadata(headers)
-                        headers = []
-                    started = True
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                if started and _wants_sse(context):
-                    # The HTTP status is long sent: the edge turns these sentinels into a last
-                    # `data: {"error": ...}` event and `data: [DONE]`, as OpenAI ends a failed stream.
-                    error = _as_chatwire_error(exc, record["method"])
-                    record.update(status=error.status.name, error_code=error.code)
-                    yield pb.CreateChatCompletionStreamResponse(id=error.to_openai_json(), object=SSE_ERROR_OBJECT)
-                    yield SSE_DONE_SENTINEL
-                else:
-                    await _fail(context, record, exc)
-
-    return wrapper
 
 
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
@@ -159,7 +39,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         as metadata (the edge returns it as OpenAI's `x-ratelimit-*` headers)."""
         key = self.authenticate(context)
         headers = self._limiter.admit(key) if self._limiter.enabled else []
-        _CALLER_KEY.set(key)
+        rpc.CALLER_KEY.set(key)
         return key, headers
 
     def model_label(self, request: Any) -> str:
@@ -172,7 +52,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         separate services, stay open)."""
         return self._authenticator.key_id(dict(context.invocation_metadata() or ()))
 
-    @unary_errors
+    @rpc.unary_errors
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateChatCompletionResponse:
@@ -206,7 +86,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             usage=convert.usage_to_proto(finished),
         )
 
-    @stream_errors
+    @rpc.stream_errors
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
@@ -256,8 +136,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     yield chunk(convert.chunk_choice(event.index, finish_reason=reason))
         if chat.include_usage:
             yield chunk(usage=convert.usage_to_proto(finished))
-        if _wants_sse(context):
-            yield SSE_DONE_SENTINEL
+        if rpc.wants_sse(context):
+            yield rpc.SSE_DONE_SENTINEL
 
     async def _generate(self, chat: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events for `chat`, with time to first token and token counts recorded."""
@@ -275,13 +155,13 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 yield event
         if finished:
             self._limiter.spend(
-                _CALLER_KEY.get(), finished[0].prompt_tokens + sum(f.completion_tokens for f in finished)
+                rpc.CALLER_KEY.get(), finished[0].prompt_tokens + sum(f.completion_tokens for f in finished)
             )
             metrics.PROMPT_TOKENS.labels(chat.model).inc(finished[0].prompt_tokens)
             metrics.CACHED_TOKENS.labels(chat.model).inc(finished[0].cached_tokens)
             metrics.COMPLETION_TOKENS.labels(chat.model).inc(sum(f.completion_tokens for f in finished))
 
-    @unary_errors
+    @rpc.unary_errors
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ListModelsResponse:
@@ -289,7 +169,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             object="list", data=[convert.model_to_proto(e) for e in self._registry.all()]
         )
 
-    @unary_errors
+    @rpc.unary_errors
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:

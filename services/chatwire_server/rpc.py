@@ -1,0 +1,141 @@
+"""The RPC boundary of ChatService, in one place: every call is authenticated and rate limited, logged with
+the edge's request id, counted in the metrics, and every failure becomes a gRPC status with the OpenAI error
+body in the `x-chatwire-error` trailer (which the Envoy edge turns into the HTTP body)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import wraps
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire_server import metrics
+from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
+
+log = logging.getLogger(__name__)
+
+# Request metadata the Envoy edge sets on streams it frames as SSE: end them with a sentinel chunk,
+# which the edge rewrites to `data: [DONE]`.
+SSE_METADATA_KEY = "x-chatwire-sse"
+SSE_DONE_SENTINEL = pb.CreateChatCompletionStreamResponse(object="chatwire.stream.done")
+# A chunk whose `id` holds the OpenAI error body of a stream that failed after it started (edge only).
+SSE_ERROR_OBJECT = "chatwire.stream.error"
+
+
+def wants_sse(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the caller is the SSE edge, which wants the stream sentinels."""
+    return dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1"
+
+
+Response = TypeVar("Response")
+# The key id of the RPC being served (each RPC runs in its own task, so its own context).
+CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_caller_key", default="open")
+
+
+class Service(Protocol):
+    """What the boundary needs from the servicer."""
+
+    def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, list[tuple[str, str]]]: ...
+
+    def model_label(self, request: Any) -> str: ...
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
+    """Fail the RPC with the error's status code and its OpenAI body as trailing metadata."""
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata))
+    await context.abort(error.status, error.message)
+
+
+def _classify(exc: Exception, record: dict[str, Any]) -> ChatwireError:
+    """The client-facing error for a failure, noted in the request's record."""
+    if isinstance(exc, ChatwireError):
+        error = exc
+    else:
+        log.exception("unexpected error", extra={"method": record["method"]})
+        error = InternalError("The server had an error while processing your request.")
+    record.update(status=error.status.name, error_code=error.code)
+    return error
+
+
+@contextlib.contextmanager
+def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
+    """One log line and the request metrics per RPC, with the edge's request id, outcome and duration."""
+    metadata = dict(context.invocation_metadata() or ())
+    record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
+    if model:
+        record["model"] = model
+    started = time.monotonic()
+    try:
+        yield record
+    except asyncio.CancelledError:
+        record["status"] = "CANCELLED"
+        raise
+    finally:
+        duration = time.monotonic() - started
+        record["duration_ms"] = round(duration * 1000, 1)
+        log.info("request", extra=record)
+        metrics.REQUESTS.labels(method, model, record["status"]).inc()
+        metrics.REQUEST_SECONDS.labels(method, model).observe(duration)
+
+
+def unary_errors(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Log a unary handler's calls and map every failure to a gRPC status with an OpenAI error body."""
+
+    @wraps(handler)
+    async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        with _request_record(handler.__name__, self.model_label(request), context) as record:
+            try:
+                record["key"], headers = self.admit(context)
+                response = await handler(self, request, context)
+                # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
+                if headers:
+                    await context.send_initial_metadata(headers)
+                return response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, _classify(exc, record))
+                raise AssertionError("unreachable: abort raises") from exc
+
+    return wrapper
+
+
+def stream_errors(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    """Log a streaming handler's calls and map every failure to a gRPC status with an OpenAI error body."""
+
+    @wraps(handler)
+    async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+        with _request_record(handler.__name__, self.model_label(request), context) as record:
+            started = False
+            try:
+                record["key"], headers = self.admit(context)
+                async for response in handler(self, request, context):
+                    if headers:  # with the first chunk (see the unary wrapper)
+                        await context.send_initial_metadata(headers)
+                        headers = []
+                    started = True
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                if started and wants_sse(context):
+                    # The HTTP status is long sent: the edge turns these sentinels into a last
+                    # `data: {"error": ...}` event and `data: [DONE]`, as OpenAI ends a failed stream.
+                    error = _classify(exc, record)
+                    yield pb.CreateChatCompletionStreamResponse(id=error.to_openai_json(), object=SSE_ERROR_OBJECT)
+                    yield SSE_DONE_SENTINEL
+                else:
+                    await _abort(context, _classify(exc, record))
+
+    return wrapper
