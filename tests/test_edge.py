@@ -44,7 +44,10 @@ def test_request_id_is_returned_logged_and_passed_to_the_service(chatwire: Stack
     ]
     ids = [r.headers["x-request-id"] for r in replies]
     assert len(set(ids)) == 2 and "client-chosen" not in ids  # the edge does not trust clients' ids
+    models = httpx.get(f"{chatwire.base_url}/models", timeout=10)
+    assert logged(chatwire.envoy_log, models.headers["x-request-id"])["method"] == "GET"
     for request_id in ids:
+        assert logged(chatwire.envoy_log, request_id)["method"] == "POST"
         assert logged(chatwire.envoy_log, request_id)["path"] == "/v1/chat/completions"
         assert logged(chatwire.envoy_log, request_id)["status"] == 200
         assert logged(chatwire.server_log, request_id, msg="request")["method"] == "CreateChatCompletion"

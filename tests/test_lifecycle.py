@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import httpx
+import pytest
 from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
@@ -66,3 +70,38 @@ def test_server_refuses_to_start_with_a_broken_config(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert b"no-such-engine" in result.stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """`make run` is `python -m chatwire_server.stack`: it serves on the configured ports and cleans up."""
+    ports = stack.Ports(
+        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
+    )
+    env = {
+        **stack.python_env(),
+        "CHATWIRE_HTTP_PORT": str(ports.http),
+        "CHATWIRE_GRPC_PORT": str(ports.grpc),
+        "CHATWIRE_ADMIN_PORT": str(ports.admin),
+        "CHATWIRE_METRICS_PORT": str(ports.metrics),
+    }
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "chatwire_server.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "chatwire is up" not in log_path.read_text() and time.monotonic() < deadline:
+                assert launcher.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            reply = httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=10)
+            assert reply.status_code == 200 and reply.json()["data"][0]["id"] == MODEL
+            launcher.send_signal(stop_signal)
+            launcher.wait(30)
+        finally:
+            stack.stop(launcher)
+    output = log_path.read_text()
+    assert '"msg": "stopped"' in output  # the gRPC server drained and exited
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=5)  # and Envoy is gone

@@ -182,6 +182,8 @@ def main() -> None:
     envoy_config = run_dir / "envoy.yaml"
     envoy_config.write_text(render_envoy_config(ports))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C stops the stack even when started from a shell that ignores SIGINT in background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     auth_on = bool(os.environ.get("CHATWIRE_API_KEYS") or os.environ.get("CHATWIRE_API_KEYS_FILE"))
     # Children log straight to this terminal.
     server = start_server(ports.grpc, sys.stdout.buffer, metrics_port=ports.metrics)
