@@ -57,9 +57,10 @@ $(VENV)/.installed: requirements.txt
 
 # google/api/*.proto ship inside googleapis-common-protos; copying them gives protoc and buf one root.
 $(THIRD_PARTY)/google/api/annotations.proto: $(VENV)/.installed
-	mkdir -p $(THIRD_PARTY)/google/api
-	sp=$$($(PY) -c 'import google.api.annotations_pb2 as a, os; print(os.path.dirname(a.__file__))'); \
-	  cp $$sp/annotations.proto $$sp/http.proto $$sp/httpbody.proto $(THIRD_PARTY)/google/api/
+	mkdir -p $(THIRD_PARTY)/google/api $(THIRD_PARTY)/google/rpc
+	sp=$$($(PY) -c 'import google.api.annotations_pb2 as a, os; print(os.path.dirname(os.path.dirname(a.__file__)))'); \
+	  cp $$sp/api/annotations.proto $$sp/api/http.proto $$sp/api/httpbody.proto $(THIRD_PARTY)/google/api/ && \
+	  cp $$sp/rpc/error_details.proto $(THIRD_PARTY)/google/rpc/
 
 $(DESCRIPTOR): $(PROTOS) $(THIRD_PARTY)/google/api/annotations.proto
 	rm -rf $(GEN) && mkdir -p $(GEN)

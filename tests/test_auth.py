@@ -22,6 +22,7 @@ from conftest import MODEL, Stack, assert_valid, run_stack
 
 PLAIN_KEY = "sk-plain-test-key-1"
 FILE_KEY = "sk-hashed-test-key-2"
+LIMITED_KEY = "sk-limited-test-key-3"
 HELLO = [{"role": "user", "content": "Hi"}]
 
 
@@ -37,7 +38,15 @@ def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         check=True,
     ).stdout.strip()
     assert line.startswith("sha256:") and FILE_KEY not in line
-    keys_file.write_text(f"# team keys\n{line}\n")
+    limited = subprocess.run(
+        [sys.executable, "-m", "chatwire_server.auth"],
+        input=LIMITED_KEY,
+        capture_output=True,
+        text=True,
+        env=stack.python_env(),
+        check=True,
+    ).stdout.strip()
+    keys_file.write_text(f"# team keys\n{line}\n{limited} models=some-other-model\n")
     env = {"CHATWIRE_API_KEYS": PLAIN_KEY, "CHATWIRE_API_KEYS_FILE": str(keys_file)}
     with run_stack(request, server_env=env) as running:
         yield running
@@ -108,3 +117,17 @@ def test_keys_never_reach_the_logs(secured: Stack) -> None:
 
 def test_open_server_warns_loudly(chatwire: Stack) -> None:
     assert "AUTHENTICATION IS OFF" in Path(chatwire.server_log).read_text()
+
+
+def test_a_key_limited_to_other_models_gets_403(secured: Stack) -> None:
+    headers = {"authorization": f"Bearer {LIMITED_KEY}"}
+    reply = httpx.post(
+        f"{secured.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO}, headers=headers, timeout=60
+    )
+    assert reply.status_code == 403
+    assert_valid(reply.json(), "ErrorResponse")
+    assert reply.json()["error"]["code"] == "model_not_allowed" and reply.json()["error"]["param"] == "model"
+    assert httpx.get(f"{secured.base_url}/models", headers=headers, timeout=10).json()["data"] == []
+    client = openai.OpenAI(base_url=secured.base_url, api_key=LIMITED_KEY, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.models.retrieve(MODEL)

@@ -7,8 +7,10 @@ import json
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
@@ -119,3 +121,35 @@ def test_logit_bias_over_grpc(grpc_stub: chat_service_pb2_grpc.ChatServiceStub) 
         grpc_stub.CreateChatCompletion(request(logit_bias={"1": 500}), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_body(caught.value)["param"] == "logit_bias.1"
+
+
+@pytest.mark.parametrize(
+    "fields, code, reason, field",
+    [
+        ({"temperature": 9}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VALUE", "temperature"),
+        ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ERROR", "model"),
+        ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_ARRAY", "messages"),
+        ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model"),
+        ({"n": 0}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VALUE", "n"),
+        ({"tool_choice": "required"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VALUE", "tool_choice"),
+    ],
+)
+def test_client_mistakes_carry_google_rpc_details(
+    grpc_stub: chat_service_pb2_grpc.ChatServiceStub,
+    fields: dict[str, object],
+    code: grpc.StatusCode,
+    reason: str,
+    field: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_stub.CreateChatCompletion(request(**fields), timeout=30)
+    assert caught.value.code() == code  # never INTERNAL for a client mistake
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    kinds = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    kinds["google.rpc.ErrorInfo"].Unpack(info)
+    assert info.reason == reason and info.domain == "chatwire.dev" and info.metadata["param"] == field
+    kinds["google.rpc.BadRequest"].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == field

@@ -21,16 +21,19 @@ from chatwire_server import stack
 from conftest import MODEL, Stack, assert_valid, parse_sse, run_envoy, run_server, run_stack
 
 FAILING = "scripted-failing"
+BUGGY = "scripted-buggy"
 HELLO = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
 def with_failing_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = tmp_path_factory.mktemp("config") / "models.toml"
-    config.write_text(
-        stack.DEFAULT_CONFIG.read_text() + f'\n[[models]]\nid = "{FAILING}"\nengine = "scripted"\n\n[models.settings]\n'
+    scripted = (
+        f'\n[[models]]\nid = "{FAILING}"\nengine = "scripted"\n\n[models.settings]\n'
         'reply = "one two three four five"\nfail_after = 3\n'
+        f'\n[[models]]\nid = "{BUGGY}"\nengine = "scripted"\n\n[models.settings]\nfail_after = 0\nfailure = "bug"\n'
     )
+    config.write_text(stack.DEFAULT_CONFIG.read_text() + scripted)
     with run_stack(request, Path(config)) as running:
         yield running
 
@@ -68,6 +71,19 @@ def test_unary_failure_is_503(with_failing_model: Stack) -> None:
     assert reply.status_code == 503 and reply.json()["error"]["type"] == "server_error"
 
 
+def test_a_bug_is_500_without_internals(with_failing_model: Stack) -> None:
+    for stream in (False, True):
+        reply = httpx.post(
+            f"{with_failing_model.base_url}/chat/completions",
+            json={"model": BUGGY, "messages": HELLO, "stream": stream},
+            timeout=60,
+        )
+        assert reply.status_code == 500
+        assert_valid(reply.json(), "ErrorResponse")
+        assert reply.json()["error"]["type"] == "server_error" and "internal details" not in reply.text
+    assert "scripted bug" in Path(with_failing_model.server_log).read_text()  # logged for the operator
+
+
 def test_grpc_stream_fails_with_a_status(with_failing_model: Stack) -> None:
     request = json_format.ParseDict({"model": FAILING, "messages": HELLO}, pb.CreateChatCompletionRequest())
     received = []
@@ -82,7 +98,7 @@ def test_grpc_stream_fails_with_a_status(with_failing_model: Stack) -> None:
 
 def test_the_real_model_still_serves_beside_it(with_failing_model: Stack) -> None:
     client = openai.OpenAI(base_url=with_failing_model.base_url, api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == [MODEL, FAILING]
+    assert [m.id for m in client.models.list()] == [MODEL, FAILING, BUGGY]
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices  # type: ignore[arg-type]
 
 

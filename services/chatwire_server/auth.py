@@ -1,9 +1,10 @@
 """API keys: `Authorization: Bearer <key>` on every ChatService call, HTTP (through Envoy) and gRPC alike.
 
 Keys come from CHATWIRE_API_KEYS (comma-separated, for development and tests) and/or the file named by
-CHATWIRE_API_KEYS_FILE, which holds only SHA-256 digests (`sha256:<hex>` per line; make one with
-`python -m chatwire_server.auth`). Only digests are kept in memory; presented keys are hashed and compared in
-constant time against every digest. Keys never reach the logs.
+CHATWIRE_API_KEYS_FILE, which holds only SHA-256 digests: `sha256:<hex>` per line, optionally followed by
+`models=<id>,<id>` to limit the key to those models (make the line with `python -m chatwire_server.auth`).
+Only digests are kept in memory; presented keys are hashed and compared in constant time against every
+digest. Keys never reach the logs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from chatwire_server.errors import AuthenticationError
+from chatwire_server.errors import AuthenticationError, PermissionDeniedError
 
 
 def digest(key: str) -> bytes:
@@ -26,15 +27,21 @@ def digest(key: str) -> bytes:
 class Authenticator:
     """Checks bearer keys against configured digests; with none configured, everyone is let in."""
 
-    def __init__(self, digests: list[bytes]) -> None:
+    def __init__(self, digests: list[bytes], models: dict[bytes, frozenset[str]] | None = None) -> None:
         self._digests = digests
+        # Keys limited to some models: digest -> the model ids it may use (absent: every model).
+        self._models = {d.hex()[:12]: allowed for d, allowed in (models or {}).items()}
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Authenticator:
         digests = [digest(k.strip()) for k in environ.get("CHATWIRE_API_KEYS", "").split(",") if k.strip()]
+        models: dict[bytes, frozenset[str]] = {}
         if path := environ.get("CHATWIRE_API_KEYS_FILE"):
-            digests += read_digest_file(Path(path))
-        return cls(digests)
+            for key_digest, allowed in read_digest_file(Path(path)):
+                digests.append(key_digest)
+                if allowed is not None:
+                    models[key_digest] = allowed
+        return cls(digests, models)
 
     @property
     def enabled(self) -> bool:
@@ -60,14 +67,31 @@ class Authenticator:
             raise AuthenticationError("Incorrect API key provided.")
         return presented.hex()[:12]
 
+    def may_use(self, key_id: str, model: str) -> bool:
+        """Whether the key may use `model` (keys without a `models=` list may use every model)."""
+        allowed = self._models.get(key_id)
+        return allowed is None or model in allowed
 
-def read_digest_file(path: Path) -> list[bytes]:
-    """`sha256:<hex>` lines; blank lines and `#` comments are skipped."""
-    digests = []
+    def check_model(self, key_id: str, model: str) -> None:
+        if not self.may_use(key_id, model):
+            raise PermissionDeniedError(
+                f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed"
+            )
+
+
+def read_digest_file(path: Path) -> list[tuple[bytes, frozenset[str] | None]]:
+    """`sha256:<hex>` lines, optionally followed by `models=<id>,<id>` to limit the key to those models;
+    blank lines and `#` comments are skipped."""
+    entries = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        line, _, option = line.partition(" ")
+        option = option.strip()
+        if option and not option.startswith("models="):
+            raise ValueError(f"{path}:{number}: unknown option {option!r} (expected models=<id>,<id>)")
+        models = frozenset(m for m in option.removeprefix("models=").split(",") if m) if option else None
         scheme, _, value = line.partition(":")
         try:
             raw = bytes.fromhex(value)
@@ -75,8 +99,8 @@ def read_digest_file(path: Path) -> list[bytes]:
             raw = b""
         if scheme != "sha256" or len(raw) != 32:
             raise ValueError(f"{path}:{number}: expected 'sha256:<64 hex digits>'")
-        digests.append(raw)
-    return digests
+        entries.append((raw, models))
+    return entries
 
 
 def main() -> None:

@@ -61,6 +61,13 @@ class AuthenticationError(ChatwireError):
         super().__init__(message, code="invalid_api_key")
 
 
+class PermissionDeniedError(ChatwireError):
+    """A valid key that may not do this (HTTP 403)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+    error_type = "invalid_request_error"
+
+
 class ModelNotFoundError(ChatwireError):
     """No model has the requested id (HTTP 404)."""
 

@@ -14,6 +14,8 @@ from functools import wraps
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire_server import metrics
@@ -42,15 +44,28 @@ CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_calle
 class Service(Protocol):
     """What the boundary needs from the servicer."""
 
-    def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, list[tuple[str, str]]]: ...
+    def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]: ...
 
     def model_label(self, request: Any) -> str: ...
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
-    """Fail the RPC with the error's status code and its OpenAI body as trailing metadata."""
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata))
-    await context.abort(error.status, error.message)
+    """Fail the RPC with the error's status code, `google.rpc` details (ErrorInfo; BadRequest naming the field)
+    for gRPC clients, and the OpenAI body as trailing metadata for the edge."""
+    info = error_details_pb2.ErrorInfo(reason=(error.code or error.error_type).upper(), domain="chatwire.dev")
+    info.metadata["type"] = error.error_type
+    if error.param:
+        info.metadata["param"] = error.param
+    details = [info]
+    if error.param:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.param, description=error.message)
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    status = status_pb2.Status(code=error.status.value[0], message=error.message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    rich = rpc_status.to_status(status)
+    trailers = (*rich.trailing_metadata, (ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata)
+    await context.abort(rich.code, rich.details, trailing_metadata=trailers)
 
 
 def _classify(exc: Exception, record: dict[str, Any]) -> ChatwireError:
@@ -94,7 +109,7 @@ def unary_errors(
     async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> Response:
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             try:
-                record["key"], headers = self.admit(context)
+                record["key"], headers = self.admit(context, request)
                 response = await handler(self, request, context)
                 # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
                 if headers:
@@ -119,7 +134,7 @@ def stream_errors(
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             started = False
             try:
-                record["key"], headers = self.admit(context)
+                record["key"], headers = self.admit(context, request)
                 async for response in handler(self, request, context):
                     if headers:  # with the first chunk (see the unary wrapper)
                         await context.send_initial_metadata(headers)

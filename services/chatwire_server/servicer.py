@@ -34,10 +34,13 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self._authenticator = authenticator or Authenticator([])
         self._limiter = limiter or RateLimiter()
 
-    def admit(self, context: grpc.aio.ServicerContext) -> tuple[str, list[tuple[str, str]]]:
-        """Check the caller's key and rate limits before any work. Returns the key id and the limits' state
-        as metadata (the edge returns it as OpenAI's `x-ratelimit-*` headers)."""
+    def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]:
+        """Check the caller's key, its right to the requested model, and its rate limits before any work.
+        Returns the key id and the limits' state as metadata (the edge returns it as OpenAI's
+        `x-ratelimit-*` headers)."""
         key = self.authenticate(context)
+        if model := getattr(request, "model", ""):
+            self._authenticator.check_model(key, model)
         headers = self._limiter.admit(key) if self._limiter.enabled else []
         rpc.CALLER_KEY.set(key)
         return key, headers
@@ -165,9 +168,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(
-            object="list", data=[convert.model_to_proto(e) for e in self._registry.all()]
-        )
+        key = rpc.CALLER_KEY.get()
+        visible = [e for e in self._registry.all() if self._authenticator.may_use(key, e.id)]
+        return models_pb2.ListModelsResponse(object="list", data=[convert.model_to_proto(e) for e in visible])
 
     @rpc.unary_errors
     async def GetModel(

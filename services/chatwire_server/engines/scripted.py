@@ -15,11 +15,15 @@ from chatwire_server.errors import ServiceUnavailableError
 
 
 class ScriptedEngine:
-    """Settings: `reply` (text), `fail_after` (words sent before failing; omit to never fail), `delay_s`."""
+    """Settings: `reply` (text), `fail_after` (words sent before failing; omit to never fail), `failure`
+    (`unavailable`, a clean 503, or `bug`, an unexpected exception), `delay_s` (between words)."""
 
-    def __init__(self, reply: str, fail_after: int | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, reply: str, fail_after: int | None = None, failure: str = "unavailable", delay_s: float = 0.0
+    ) -> None:
         self._words = reply.split(" ")
         self._fail_after = fail_after
+        self._failure = failure
         self._delay_s = delay_s
 
     @classmethod
@@ -27,6 +31,7 @@ class ScriptedEngine:
         return cls(
             settings.get("reply", "Hello from the scripted engine."),
             settings.get("fail_after"),
+            settings.get("failure", "unavailable"),
             float(settings.get("delay_s", 0.0)),
         )
 
@@ -40,6 +45,8 @@ class ScriptedEngine:
         for index in range(request.n):
             for count, word in enumerate(self._words):
                 if self._fail_after is not None and count == self._fail_after:
+                    if self._failure == "bug":
+                        raise RuntimeError("scripted bug with internal details that must not leak")
                     raise ServiceUnavailableError("The scripted engine failed mid-reply, as configured.")
                 await asyncio.sleep(self._delay_s)
                 yield TextDelta(index, word if count == 0 else f" {word}")
