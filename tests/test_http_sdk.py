@@ -86,6 +86,8 @@ def test_stream_sse_framing_and_every_chunk_validates(chatwire: Stack) -> None:
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    # Like OpenAI, deltas carry `tool_calls` only when there are tool calls.
+    assert '"tool_calls"' not in reply.text
 
 
 def test_stream_without_usage_has_no_usage_chunk(chatwire: Stack) -> None:
