@@ -138,7 +138,7 @@ def test_json_object_always_parses(chatwire: Stack, streaming: bool) -> None:
     body = {
         "messages": [{"role": "user", "content": "Describe a cat as JSON."}],
         "n": N,
-        "max_tokens": 120,
+        "max_tokens": 200,
         "response_format": {"type": "json_object"},
     }
     finished = []
