@@ -137,3 +137,35 @@ def test_each_request_in_a_batch_samples_with_its_own_parameters(chatwire: Stack
     assert texts[0] == " apple" * 30
     assert texts[1] == " banana" * 30
     assert "apple" not in texts[2] and "banana" not in texts[2]
+
+
+@pytest.fixture(scope="module")
+def cramped_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Four sequence ids and few KV cells: cached prefixes must be evicted all the time."""
+    config = tmp_path_factory.mktemp("cramped") / "models.toml"
+    config.write_text(
+        stack.DEFAULT_CONFIG.read_text()
+        .replace("max_sequences = 128", "max_sequences = 4")
+        .replace("kv_cells = 32768", "kv_cells = 4096")
+    )
+    with run_stack(request, Path(config)) as running:
+        yield running
+
+
+def test_prefix_cache_eviction_never_loses_sequences(cramped_stack: Stack) -> None:
+    url = f"{cramped_stack.base_url}/chat/completions"
+
+    def ask(topic: int, **extra: object) -> httpx.Response:
+        prompt = f"Topic {topic}. " + f"word{topic} " * 700  # about 1400 tokens: three do not fit at once
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, **extra}
+        return httpx.post(url, json=body, timeout=120)
+
+    # Three at once: the third waits for cells, then all three leave cached prefixes; a fourth long prompt
+    # must evict them to fit.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert [r.status_code for r in pool.map(ask, range(3))] == [200, 200, 200]
+    assert ask(3).status_code == 200
+    # Every sequence id is still usable: a request needing all four at once is served.
+    reply = httpx.post(url, json={"model": MODEL, "messages": COUNT, "n": 4, "max_tokens": 4}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 4

@@ -386,9 +386,12 @@ class LlamaCppEngine:
     # KV cells: every live sequence position and every cached prefix holds one. A copied prompt is
     # shared, so a job holds its prompt once plus each choice's generated tokens.
 
+    def _live_cells(self) -> int:
+        """Cells held by requests in flight (cached prefixes aside: those can be evicted)."""
+        return sum(len(j.prompt) for j in self._jobs_in_flight()) + sum(s.generated for s in self._running)
+
     def _cells_in_use(self) -> int:
-        live = sum(len(j.prompt) for j in self._jobs_in_flight()) + sum(s.generated for s in self._running)
-        return live + sum(len(t) for t in self._prefix_cache.values())
+        return self._live_cells() + sum(len(t) for t in self._prefix_cache.values())
 
     def _cell_capacity(self) -> int:
         # One batch of headroom, so a step never finds the cache full.
@@ -401,8 +404,11 @@ class LlamaCppEngine:
                 if not self._queue:
                     return
                 job = self._queue[0]
-                in_use = sum(len(j.seq_ids) for j in self._jobs_in_flight())
-                if in_use + job.n > self._settings.max_sequences:
+                in_flight = self._jobs_in_flight()
+                if sum(len(j.seq_ids) for j in in_flight) + job.n > self._settings.max_sequences:
+                    return
+                # Its prompt must fit beside the requests in flight (alone, it always fits: max_context).
+                if in_flight and self._live_cells() + len(job.prompt) > self._cell_capacity():
                     return
                 self._queue.popleft()
             self._assign_sequences(job)
@@ -437,13 +443,15 @@ class LlamaCppEngine:
             job.seq_ids.append(best_id)
             job.cached_tokens = job.prefill_pos = reuse
         while len(job.seq_ids) < job.n:
-            job.seq_ids.append(self._free_seq_ids.pop() if self._free_seq_ids else self._evict_oldest_prefix())
+            if not self._free_seq_ids:
+                self._evict_oldest_prefix()
+            job.seq_ids.append(self._free_seq_ids.pop())
 
-    def _evict_oldest_prefix(self) -> int:
+    def _evict_oldest_prefix(self) -> None:
+        """Drop the least recently cached prefix: its cells are freed and its sequence id is free again."""
         seq_id, _ = self._prefix_cache.popitem(last=False)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._free_seq_ids.append(seq_id)
-        return self._free_seq_ids.pop()
 
     def _start_decoding(self, job: _Job, row: int) -> None:
         """The job's prompt is in the cache: share it with its other sequences and sample every first token."""
