@@ -26,26 +26,24 @@ LIMITED_KEY = "sk-limited-test-key-3"
 HELLO = [{"role": "user", "content": "Hi"}]
 
 
+def keys_file_line(key: str) -> str:
+    """The keys-file line for `key`, from the command the README gives operators."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatwire_server.auth"],
+        input=key,
+        capture_output=True,
+        text=True,
+        env=stack.python_env(),
+        check=True,
+    ).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
-    line = subprocess.run(
-        [sys.executable, "-m", "chatwire_server.auth"],
-        input=FILE_KEY,
-        capture_output=True,
-        text=True,
-        env=stack.python_env(),
-        check=True,
-    ).stdout.strip()
+    line = keys_file_line(FILE_KEY)
     assert line.startswith("sha256:") and FILE_KEY not in line
-    limited = subprocess.run(
-        [sys.executable, "-m", "chatwire_server.auth"],
-        input=LIMITED_KEY,
-        capture_output=True,
-        text=True,
-        env=stack.python_env(),
-        check=True,
-    ).stdout.strip()
+    limited = keys_file_line(LIMITED_KEY)
     keys_file.write_text(f"# team keys\n{line}\n{limited} models=some-other-model\n")
     env = {"CHATWIRE_API_KEYS": PLAIN_KEY, "CHATWIRE_API_KEYS_FILE": str(keys_file)}
     with run_stack(request, server_env=env) as running:

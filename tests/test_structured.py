@@ -52,36 +52,24 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def weather_turns(call_id: str, city: str, weather: str) -> list[dict[str, Any]]:
+    """A user question, the assistant's get_weather call, the tool's answer and the assistant's reply."""
+    arguments = json.dumps({"city": city, "unit": "c"})
+    call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [
+        {"role": "user", "content": f"Weather in {city}?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": weather},
+        {"role": "assistant", "content": f"It is {weather.lower()} in {city}."},
+    ]
+
+
 # A conversation that shows the model how it called tools before, so that with `auto` it often calls again.
 FEW_SHOT = [
-    {"role": "user", "content": "Weather in Rome?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "c"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
-    {"role": "assistant", "content": "It is sunny in Rome."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_2",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_2", "content": "Rainy"},
-    {"role": "assistant", "content": "It is rainy in Paris."},
+    *weather_turns("call_1", "Rome", "Sunny"),
+    *weather_turns("call_2", "Paris", "Rainy"),
     {"role": "user", "content": "Weather in Berlin?"},
 ]
 SEEDS = (1, 2)
