@@ -37,8 +37,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]:
         """Check the caller's key, its right to the requested model, and its rate limits before any work.
         Returns the key id and the limits' state as metadata (the edge returns it as OpenAI's
-        `x-ratelimit-*` headers)."""
-        key = self.authenticate(context)
+        `x-ratelimit-*` headers). Health and reflection, separate services, stay open."""
+        key = self._authenticator.key_id(dict(context.invocation_metadata() or ()))
         if model := getattr(request, "model", ""):
             self._authenticator.check_model(key, model)
         headers = self._limiter.admit(key) if self._limiter.enabled else []
@@ -49,11 +49,6 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         """The model a request names, for metrics: only served ids, so labels stay few."""
         model = getattr(request, "model", "")
         return model if model in self._registry else ("unknown" if model else "")
-
-    def authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller's key id; every RPC of this service checks the key first (health and reflection,
-        separate services, stay open)."""
-        return self._authenticator.key_id(dict(context.invocation_metadata() or ()))
 
     @rpc.unary_errors
     async def CreateChatCompletion(

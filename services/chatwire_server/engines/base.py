@@ -19,10 +19,6 @@ class Engine(Protocol):
         """Generate every choice of `request`."""
         ...
 
-    def context_length(self) -> int:
-        """The model's context window in tokens."""
-        ...
-
     def stats(self) -> dict[str, int]:
         """`queued_requests`, `running_sequences` and `cached_prefixes`, for metrics."""
         ...

@@ -188,10 +188,6 @@ class LlamaCppEngine:
 
     # --- the asyncio side ---------------------------------------------------------------------------
 
-    def context_length(self) -> int:
-        """The longest prompt + completion of one request, in tokens."""
-        return self._max_context
-
     def stats(self) -> dict[str, int]:
         """Scheduler state for metrics (read without the lock: each figure is one atomic read)."""
         return {
@@ -386,9 +382,10 @@ class LlamaCppEngine:
     # KV cells: every live sequence position and every cached prefix holds one. A copied prompt is
     # shared, so a job holds its prompt once plus each choice's generated tokens.
 
-    def _live_cells(self) -> int:
+    def _live_cells(self, in_flight: list[_Job] | None = None) -> int:
         """Cells held by requests in flight (cached prefixes aside: those can be evicted)."""
-        return sum(len(j.prompt) for j in self._jobs_in_flight()) + sum(s.generated for s in self._running)
+        jobs = self._jobs_in_flight() if in_flight is None else in_flight
+        return sum(len(j.prompt) for j in jobs) + sum(s.generated for s in self._running)
 
     def _cells_in_use(self) -> int:
         return self._live_cells() + sum(len(t) for t in self._prefix_cache.values())
@@ -408,7 +405,7 @@ class LlamaCppEngine:
                 if sum(len(j.seq_ids) for j in in_flight) + job.n > self._settings.max_sequences:
                     return
                 # Its prompt must fit beside the requests in flight (alone, it always fits: max_context).
-                if in_flight and self._live_cells() + len(job.prompt) > self._cell_capacity():
+                if in_flight and self._live_cells(in_flight) + len(job.prompt) > self._cell_capacity():
                     return
                 self._queue.popleft()
             self._assign_sequences(job)

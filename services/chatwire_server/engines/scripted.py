@@ -35,9 +35,6 @@ class ScriptedEngine:
             float(settings.get("delay_s", 0.0)),
         )
 
-    def context_length(self) -> int:
-        return 8192
-
     def stats(self) -> dict[str, int]:
         return {"queued_requests": 0, "running_sequences": 0, "cached_prefixes": 0}
 
