@@ -33,6 +33,7 @@ class Stack:
     ports: stack.Ports
     server_log: Path
     envoy_log: Path
+    server_pid: int = 0
 
     @property
     def base_url(self) -> str:
@@ -80,6 +81,12 @@ def run_server(
             stack.stop(server)
 
 
+def engine_workers(server_pid: int) -> list[int]:
+    """Process ids of the server's engine workers (its children, whichever thread started them)."""
+    tasks = Path(f"/proc/{server_pid}/task")
+    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+
+
 def _dump_logs(*paths: Path) -> None:
     for path in paths:
         if path.exists():
@@ -102,9 +109,10 @@ def run_stack(
     running = Stack(ports, logs / "server.log", logs / "envoy.log")
     try:
         with (
-            run_server(ports.grpc, running.server_log, config, server_env, ports.metrics),
+            run_server(ports.grpc, running.server_log, config, server_env, ports.metrics) as server,
             run_envoy(ports, running.envoy_log, **edge),
         ):
+            running.server_pid = server.pid
             yield running
     finally:
         if request.session.testsfailed:

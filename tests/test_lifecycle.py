@@ -62,14 +62,23 @@ def test_sigterm_lets_a_running_stream_finish_then_exits() -> None:
     assert '"msg": "shutting down"' in records and '"msg": "stopped"' in records
 
 
-def test_server_refuses_to_start_with_a_broken_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ('engine = "no-such-engine"', b"no-such-engine"),
+        # Loaded in the engine worker, whose failure the server reports as its own.
+        ('engine = "llama_cpp"\nsettings = { model_path = "/nowhere/model.gguf" }', b"/nowhere/model.gguf"),
+    ],
+    ids=["unknown-engine", "missing-model-file"],
+)
+def test_server_refuses_to_start_with_a_broken_config(tmp_path: Path, entry: str, named: bytes) -> None:
     config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nid = "x"\nengine = "no-such-engine"\n')
+    config.write_text(f'[[models]]\nid = "x"\n{entry}\n')
     result = subprocess.run(
         stack.server_command(stack.free_port(), config), env=stack.python_env(), capture_output=True, timeout=60
     )
-    assert result.returncode != 0
-    assert b"no-such-engine" in result.stderr
+    assert result.returncode == 2
+    assert b'"msg": "cannot start"' in result.stderr and named in result.stderr
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

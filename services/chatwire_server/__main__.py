@@ -2,4 +2,5 @@
 
 from chatwire_server.server import main
 
-main()
+if __name__ == "__main__":
+    main()

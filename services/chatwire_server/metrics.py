@@ -35,6 +35,12 @@ CACHED_TOKENS = Counter(
 COMPLETION_TOKENS = Counter(
     "chatwire_completion_tokens_total", "Generated tokens, over all choices.", ["model"], registry=REGISTRY
 )
+ENGINE_RESTARTS = Counter(
+    "chatwire_engine_restarts_total",
+    "Engine worker processes that died and were restarted.",
+    ["model"],
+    registry=REGISTRY,
+)
 _QUEUED = Gauge("chatwire_queued_requests", "Requests waiting for admission.", ["model"], registry=REGISTRY)
 _RUNNING = Gauge("chatwire_running_sequences", "Sequences being prefilled or decoded.", ["model"], registry=REGISTRY)
 _CACHED = Gauge("chatwire_cached_prefixes", "Finished sequences kept for prefix reuse.", ["model"], registry=REGISTRY)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatwire_server import metrics
 from chatwire_server.engines.base import Engine
+from chatwire_server.engines.worker import WorkerEngine
 from chatwire_server.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class ModelRegistry:
 
     @classmethod
     def from_config(cls, path: Path) -> ModelRegistry:
-        """Load every model listed in `path` (see config/models.toml for the format)."""
+        """Load every model listed in `path` (see config/models.toml for the format). Each engine runs in a
+        worker process of its own (see `engines.worker`) unless the entry says `in_process = true`."""
         config = tomllib.loads(path.read_text())
         entries = []
         for model in config.get("models", []):
@@ -62,7 +65,11 @@ class ModelRegistry:
             if kind not in ENGINE_FACTORIES:
                 raise ValueError(f"{path}: model {model['id']!r} names unknown engine {kind!r}")
             started = time.monotonic()
-            engine = ENGINE_FACTORIES[kind](model.get("settings", {}))
+            settings = model.get("settings", {})
+            if model.get("in_process", False):
+                engine = ENGINE_FACTORIES[kind](settings)
+            else:
+                engine = WorkerEngine(model["id"], kind, settings, metrics.ENGINE_RESTARTS.labels(model["id"]).inc)
             log.info(
                 "model ready",
                 extra={"model": model["id"], "engine": kind, "load_s": round(time.monotonic() - started, 2)},
