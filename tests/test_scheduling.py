@@ -169,3 +169,26 @@ def test_prefix_cache_eviction_never_loses_sequences(cramped_stack: Stack) -> No
     reply = httpx.post(url, json={"model": MODEL, "messages": COUNT, "n": 4, "max_tokens": 4}, timeout=120)
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["choices"]) == 4
+
+
+def test_requests_arriving_together_evaluate_a_shared_prompt_once(chatwire: Stack, client: openai.OpenAI) -> None:
+    """Many users, one long system prompt, at the same moment: the first request evaluates it, the others wait
+    for its cells and copy them (reported as cached tokens), and answer from them."""
+    system = {"role": "system", "content": "You answer questions about the moon in one sentence. " * 12}
+    questions = ["How far away is it?", "What is it made of?", "Why does it glow?", "Who walked on it?"]
+
+    def ask(question: str) -> openai.types.chat.ChatCompletion:
+        messages = [system, {"role": "user", "content": question}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(ask, questions))
+    usages = [reply.usage for reply in together]
+    assert all(u is not None and u.prompt_tokens_details is not None for u in usages)
+    system_tokens = 12 * 10  # each repetition of the sentence is at least 10 tokens
+    cached = sorted(u.prompt_tokens_details.cached_tokens or 0 for u in usages)  # type: ignore[union-attr]
+    assert all(c >= system_tokens for c in cached[1:]), cached  # all but the first copied the shared prompt
+    # Only the system prompt names the moon: replies that talk about it read the copied cells. (Not compared
+    # with replies made alone: a different batch makes different float rounding, and greedy text can diverge.)
+    replies = [reply.choices[0].message.content or "" for reply in together]
+    assert all("moon" in reply.lower() for reply in replies), replies

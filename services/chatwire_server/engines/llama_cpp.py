@@ -5,7 +5,8 @@ runs a loop of steps; each step builds one batch holding the next token of every
 bounded chunk of prompt tokens from jobs still in prefill, decodes it once, and samples every sequence with
 its own sampler chain. Jobs join and leave between steps. An `n > 1` job evaluates its prompt once and copies
 the prompt's KV cells to its other sequences. Finished sequences leave their KV cells behind as a prefix cache
-that the next job with the same prompt prefix reuses.
+that the next job with the same prompt prefix reuses; a job whose prompt shares a long prefix with a job still
+in flight (many users, one system prompt) waits for that job to evaluate it and copies its cells.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from chatwire_server.errors import InvalidRequestError, RateLimitError, ServiceU
 from chatwire_server.text import StopMatcher
 
 log = logging.getLogger(__name__)
+
+# Shortest prompt prefix worth waiting for another request in flight to evaluate (a system prompt, a document),
+# rather than evaluating it again at once. Prefixes it has already evaluated are copied whatever their length.
+MIN_SHARED_PREFIX = 32
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class _Job:
     seq_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     prefill_pos: int = 0
+    # A job in flight whose prompt starts with the first `shared` tokens of this one: this job waits for it to
+    # evaluate them, then copies their cells instead of evaluating them again.
+    leader: _Job | None = None
+    shared: int = 0
 
 
 @dataclass
@@ -334,11 +343,19 @@ class LlamaCppEngine:
             n = self._add_token(n, seq.next_token, seq.pos, seq.seq_id, logits=True)
             seq.pos += 1
             rows.append((seq, n - 1))
-        # Beside running streams, prompts advance a chunk per step; alone, they take the whole batch.
-        room = self._batch_capacity - n if n == 0 else min(self._settings.prefill_chunk, self._batch_capacity - n)
+        # Beside running streams, prompts advance a chunk per step, so a long prompt never stalls them for long.
+        # Alone, or when more requests wait for their first token than sequences decode (a burst of arrivals),
+        # prompts take the whole batch: evaluating them together is faster, and the many outweigh the few.
+        waiting = {id(job) for job in self._prefilling if job.leader is not None and not self._follow(job)}
+        if len(self._prefilling) - len(waiting) > n:
+            room = self._batch_capacity - n
+        else:
+            room = min(self._settings.prefill_chunk, self._batch_capacity - n)
         for job in self._prefilling:
             if room <= 0:
                 break
+            if id(job) in waiting:
+                continue
             end = min(len(job.prompt), job.prefill_pos + room)
             for pos in range(job.prefill_pos, end):
                 n = self._add_token(n, job.prompt[pos], pos, job.seq_ids[0], logits=pos == len(job.prompt) - 1)
@@ -426,13 +443,23 @@ class LlamaCppEngine:
             self._running.remove(longest)
 
     def _assign_sequences(self, job: _Job) -> None:
-        """Give the job `n` sequence ids; the first reuses the longest cached prefix of its prompt."""
+        """Give the job `n` sequence ids; the first reuses the longest cached prefix of its prompt, or follows
+        the job in flight that shares a longer one."""
         best_id, best_len = None, 0
         for seq_id, tokens in self._prefix_cache.items():
             shared = _common_prefix(tokens, job.prompt)
             if shared > best_len:
                 best_id, best_len = seq_id, shared
-        if best_id is not None:
+        for other in self._jobs_in_flight():
+            shared = _common_prefix(other.prompt, job.prompt)
+            evaluated = other not in self._prefilling or other.prefill_pos >= shared
+            # Cells already evaluated are copied at once; waiting for them is worth it for long prefixes only.
+            worth_it = evaluated or shared >= MIN_SHARED_PREFIX
+            if other.leader is None and other.seq_ids and shared > best_len and worth_it:
+                job.leader, best_len = other, shared
+        if job.leader is not None:
+            job.shared = min(best_len, len(job.prompt) - 1)
+        elif best_id is not None:
             # Keep at least the prompt's last token to evaluate: its logits start the reply.
             reuse = min(best_len, len(job.prompt) - 1)
             del self._prefix_cache[best_id]
@@ -443,6 +470,19 @@ class LlamaCppEngine:
             if not self._free_seq_ids:
                 self._evict_oldest_prefix()
             job.seq_ids.append(self._free_seq_ids.pop())
+
+    def _follow(self, job: _Job) -> bool:
+        """Whether a job waiting for its leader may prefill now: once the leader's cells hold the shared
+        prefix, they are copied (and count as cached); if the leader left, the job evaluates it all."""
+        leader = job.leader
+        assert leader is not None
+        if leader.seq_ids and leader in self._prefilling and leader.prefill_pos < job.shared:
+            return False
+        if leader.seq_ids:
+            llama_cpp.llama_memory_seq_cp(self._memory, leader.seq_ids[0], job.seq_ids[0], 0, job.shared)
+            job.cached_tokens = job.prefill_pos = job.shared
+        job.leader = None
+        return True
 
     def _evict_oldest_prefix(self) -> None:
         """Drop the least recently cached prefix: its cells are freed and its sequence id is free again."""
