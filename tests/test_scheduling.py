@@ -68,15 +68,17 @@ def test_long_prompt_does_not_stall_running_streams(chatwire: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A server that decodes one sequence at a time and queues one more request."""
+    """A server that decodes one sequence at a time, queues one more request, and caches 200 prompt tokens."""
     config = tmp_path_factory.mktemp("tiny") / "models.toml"
     default = stack.DEFAULT_CONFIG.read_text()
     config.write_text(
         default.replace("max_sequences = 128", "max_sequences = 1")
         .replace("max_queued_requests = 64", "max_queued_requests = 1")
         .replace("kv_cells = 32768", "kv_cells = 4096")
+        .replace("prefix_cache_tokens = 4096", "prefix_cache_tokens = 200")
     )
-    assert config.read_text() != default
+    settings = config.read_text()
+    assert "max_sequences = 1\n" in settings and "prefix_cache_tokens = 200" in settings
     with run_stack(request, Path(config)) as running:
         yield running
 
@@ -137,6 +139,17 @@ def test_each_request_in_a_batch_samples_with_its_own_parameters(chatwire: Stack
     assert texts[0] == " apple" * 30
     assert texts[1] == " banana" * 30
     assert "apple" not in texts[2] and "banana" not in texts[2]
+
+
+def test_prefixes_beyond_the_cache_budget_are_not_kept(tiny_stack: Stack) -> None:
+    def cached_on_second_ask(content: str) -> int:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+        replies = [httpx.post(f"{tiny_stack.base_url}/chat/completions", json=body, timeout=60) for _ in range(2)]
+        assert [r.status_code for r in replies] == [200, 200]
+        return int(replies[1].json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    assert cached_on_second_ask("Name a colour.") > 0
+    assert cached_on_second_ask("Name a colour. " * 80) == 0  # ~400 tokens: over the 200-token budget
 
 
 @pytest.fixture(scope="module")

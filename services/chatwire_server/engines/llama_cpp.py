@@ -66,6 +66,9 @@ class EngineSettings:
     prefill_chunk: int = 128
     # llama.cpp threads; None means one per core.
     n_threads: int | None = None
+    # Tokens that finished requests leave cached for prefix reuse, least recently cached evicted first. Kept
+    # small: attention runs over every cell up to the highest one in use, so cached cells slow every step.
+    prefix_cache_tokens: int = 4096
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
@@ -557,6 +560,8 @@ class LlamaCppEngine:
             # Prompt + reply stay cached for the next turn of the conversation (the last sampled token
             # was never decoded, so it has no cell).
             self._prefix_cache[seq.seq_id] = job.prompt + seq.tokens[:-1]
+            while sum(len(tokens) for tokens in self._prefix_cache.values()) > self._settings.prefix_cache_tokens:
+                self._evict_oldest_prefix()
         else:
             llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
             self._free_seq_ids.append(seq.seq_id)
