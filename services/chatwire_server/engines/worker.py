@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -58,7 +58,9 @@ class _Pending:
 class WorkerEngine:
     """An `Engine` whose work happens in a child process running engine `kind` with `settings`."""
 
-    def __init__(self, model: str, kind: str, settings: dict[str, Any], on_restart: Any = None) -> None:
+    def __init__(
+        self, model: str, kind: str, settings: dict[str, Any], on_restart: Callable[[], None] | None = None
+    ) -> None:
         self._model = model
         self._kind = kind
         self._settings = settings
@@ -76,11 +78,6 @@ class WorkerEngine:
         self._start_worker()  # fails the server's start-up if the model cannot load
         self._reader = threading.Thread(target=self._read_forever, name=f"worker-reader-{model}", daemon=True)
         self._reader.start()
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's process id, while one is up."""
-        return self._process.pid if self._process and self._process.poll() is None else None
 
     def stats(self) -> dict[str, int]:
         """The worker's scheduler state, asked for at scrape time (idle figures while it restarts)."""
