@@ -94,6 +94,15 @@ def stream(chatwire: Stack, **body: Any) -> list[dict[str, Any]]:
     return events[:-1]
 
 
+def texts_and_reasons(chatwire: Stack, streaming: bool, **body: Any) -> list[tuple[str, str]]:
+    """Each choice's text and finish_reason, from a stream (deltas accumulated) or a unary reply (validated)."""
+    if streaming:
+        return [(c["content"], c["finish_reason"]) for c in streamed_choices(stream(chatwire, **body)).values()]
+    reply = post(chatwire, **body)
+    assert_valid(reply, "CreateChatCompletionResponse")
+    return [(c["message"]["content"], c["finish_reason"]) for c in reply["choices"]]
+
+
 def streamed_choices(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Accumulate stream deltas per choice the way OpenAI's clients do."""
     choices: dict[int, dict[str, Any]] = {}
@@ -131,16 +140,7 @@ def test_json_object_always_parses(chatwire: Stack, streaming: bool) -> None:
     }
     finished = []
     for seed in SEEDS:
-        if streaming:
-            choices = [
-                (c["content"], c["finish_reason"])
-                for c in streamed_choices(stream(chatwire, seed=seed, **body)).values()
-            ]
-        else:
-            reply = post(chatwire, seed=seed, **body)
-            assert_valid(reply, "CreateChatCompletionResponse")
-            choices = [(c["message"]["content"], c["finish_reason"]) for c in reply["choices"]]
-        for text, reason in choices:
+        for text, reason in texts_and_reasons(chatwire, streaming, seed=seed, **body):
             assert reason in ("stop", "length")
             if reason == "stop":
                 assert isinstance(json.loads(text), dict)
@@ -153,16 +153,7 @@ def test_json_schema_always_validates(chatwire: Stack, streaming: bool) -> None:
     body = {"messages": ASK_PERSON, "n": N, "max_tokens": 80, "response_format": PERSON_FORMAT}
     valid = 0
     for seed in SEEDS:
-        if streaming:
-            texts = [
-                (c["content"], c["finish_reason"])
-                for c in streamed_choices(stream(chatwire, seed=seed, **body)).values()
-            ]
-        else:
-            texts = [
-                (c["message"]["content"], c["finish_reason"]) for c in post(chatwire, seed=seed, **body)["choices"]
-            ]
-        for text, reason in texts:
+        for text, reason in texts_and_reasons(chatwire, streaming, seed=seed, **body):
             if reason == "stop":
                 jsonschema.validate(json.loads(text), PERSON_SCHEMA)
                 valid += 1
