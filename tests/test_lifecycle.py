@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import stack
-from conftest import MODEL
+from conftest import MODEL, engine_workers, run_stack
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits() -> None:
@@ -114,3 +114,16 @@ def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop
     assert '"msg": "stopped"' in output  # the gRPC server drained and exited
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=5)  # and Envoy is gone
+
+
+def test_in_process_engine_serves_without_a_worker(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """`in_process = true`: the engine runs inside the server, no worker process, same answers at the edge."""
+    config = tmp_path / "models.toml"
+    config.write_text(stack.DEFAULT_CONFIG.read_text().replace("# in_process = false", "in_process = true"))
+    assert "\nin_process = true" in config.read_text()
+    with run_stack(request, config) as running:
+        assert engine_workers(running.server_pid) == []
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        reply = httpx.post(f"{running.base_url}/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1

@@ -197,10 +197,7 @@ class WorkerEngine:
                 self._stats_ready.set()
                 continue
             _, request_id, payload = message
-            pending = self._pending.get(request_id)
-            if pending is not None:  # else the request was cancelled and its late events are dropped
-                with contextlib.suppress(RuntimeError):  # its event loop has closed
-                    pending.loop.call_soon_threadsafe(pending.events.put_nowait, payload)
+            self._deliver(request_id, payload)
 
     def _worker_died(self) -> None:
         assert self._process is not None
@@ -224,10 +221,14 @@ class WorkerEngine:
 
     def _fail_all(self, error: ChatwireError) -> None:
         for request_id in list(self._pending):
-            pending = self._pending.get(request_id)
-            if pending is not None:
-                with contextlib.suppress(RuntimeError):  # its event loop has closed
-                    pending.loop.call_soon_threadsafe(pending.events.put_nowait, error)
+            self._deliver(request_id, error)
+
+    def _deliver(self, request_id: int, payload: Any) -> None:
+        """Hand an event, the end (None) or an error to the request's event loop, from the reader thread."""
+        pending = self._pending.get(request_id)
+        if pending is not None:  # else the request was cancelled and late events are dropped
+            with contextlib.suppress(RuntimeError):  # its event loop has closed
+                pending.loop.call_soon_threadsafe(pending.events.put_nowait, payload)
 
     def _restart(self) -> bool:
         for attempt in itertools.count():
