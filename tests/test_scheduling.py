@@ -141,6 +141,19 @@ def test_each_request_in_a_batch_samples_with_its_own_parameters(chatwire: Stack
     assert "apple" not in texts[2] and "banana" not in texts[2]
 
 
+def test_choices_that_end_at_their_first_token_all_finish(chatwire: Stack) -> None:
+    """Every choice of `n` that ends at once still finishes, and its sequence is freed for the next request."""
+    url = f"{chatwire.base_url}/chat/completions"
+    for _ in range(3):
+        reply = httpx.post(url, json={"model": MODEL, "messages": COUNT, "n": 16, "max_tokens": 1}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert sorted(c["index"] for c in choices) == list(range(16))
+        assert {c["finish_reason"] for c in choices} == {"length"}
+    after = httpx.post(url, json={"model": MODEL, "messages": COUNT, "max_tokens": 5}, timeout=60)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
+
+
 def test_prefixes_beyond_the_cache_budget_are_not_kept(tiny_stack: Stack) -> None:
     def cached_on_second_ask(content: str) -> int:
         body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2}

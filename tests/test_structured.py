@@ -214,14 +214,147 @@ def test_sdk_stream_helper_with_response_format(client: openai.OpenAI) -> None:
     assert parsed and all(isinstance(p, Pet) for p in parsed)
 
 
+# --- OpenAI's strict subset: numeric bounds, formats, references -----------------------------------------
+
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "small": {"type": "integer", "minimum": 3, "maximum": 7},
+        "below": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 5},
+        "negative": {"type": "integer", "minimum": -20, "maximum": -10},
+        "step": {"type": "number", "multipleOf": 0.25, "minimum": 0, "maximum": 2},
+        "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        # What zod 4 emits for every z.number().int().
+        "safe": {"type": "integer", "minimum": -9007199254740991, "maximum": 9007199254740991},
+    },
+    "required": ["small", "below", "negative", "step", "ratio", "safe"],
+    "additionalProperties": False,
+}
+# Hot sampling, so that replies wander to the edges of every range.
+HOT = {"temperature": 1.5, "top_p": 1.0}
+
+
+# (seed, streamed): every seed both ways where replies are short, alternating where they are long.
+BOTH_WAYS = [(seed, streaming) for seed in (1, 2, 3) for streaming in (False, True)]
+ALTERNATING = [(1, False), (2, True), (3, False)]
+
+
+def sampled_objects(
+    chatwire: Stack, schema: dict[str, Any], prompt: str, runs: list[tuple[int, bool]], **body: Any
+) -> list[Any]:
+    """Every reply that ended with `stop`, `n` choices per (seed, streamed) run; each is validated against
+    `schema`. Replies cut by `max_tokens` prove nothing and are left out."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": prompt}]
+    objects = []
+    for seed, streaming in runs:
+        for text, reason in texts_and_reasons(
+            chatwire, streaming, messages=messages, response_format=response_format, n=N, seed=seed, **body
+        ):
+            if reason == "stop":
+                value = json.loads(text)
+                jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+                objects.append(value)
+    assert len(objects) >= len(runs) * N * 2 // 3, "too few replies ended on their own to prove anything"
+    return objects
+
+
+def test_numeric_bounds_hold_at_every_edge(chatwire: Stack) -> None:
+    objects = sampled_objects(chatwire, BOUNDED, "Give me some numbers as JSON.", BOTH_WAYS, max_tokens=120, **HOT)
+    for key, allowed in (("small", range(3, 8)), ("below", range(-2, 5)), ("negative", range(-20, -9))):
+        seen = {o[key] for o in objects}
+        assert seen <= set(allowed), f"{key}: {sorted(seen)}"
+        assert all(isinstance(o[key], int) for o in objects)
+    assert all(0 <= o["step"] <= 2 and float(o["step"] * 4).is_integer() for o in objects)
+    assert all(0 < o["ratio"] < 1 for o in objects)
+
+
+FORMATS = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string", "format": "email", "maxLength": 40},
+        "ipv4": {"type": "string", "format": "ipv4"},
+        "uuid": {"type": "string", "format": "uuid"},
+        "date": {"type": "string", "format": "date"},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+    },
+    "required": ["email", "ipv4", "uuid", "date", "code"],
+    "additionalProperties": False,
+}
+
+
+def test_string_formats_and_patterns_hold(chatwire: Stack) -> None:
+    # FormatChecker checks email, ipv4, uuid and date with the standard library alone; test_grammars.py
+    # checks every format's grammar.
+    objects = sampled_objects(
+        chatwire, FORMATS, "Give me a contact record as JSON.", ALTERNATING, max_tokens=150, **HOT
+    )
+    assert all(len(o["uuid"]) == 36 for o in objects)
+
+
+TREE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "enum": ["a", "b", "c"]},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 1},
+            },
+            "required": ["label", "children"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {
+        "root": {"$ref": "#/$defs/node"},
+        "size": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 9}, {"type": "null"}]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["root", "size", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_recursive_refs_anyof_and_array_bounds_hold(chatwire: Stack) -> None:
+    objects = sampled_objects(chatwire, TREE, "Give me a small tree as JSON.", ALTERNATING, max_tokens=200, **HOT)
+    assert all(1 <= len(o["tags"]) <= 3 for o in objects)
+
+
+class Review(pydantic.BaseModel):
+    stars: int = pydantic.Field(ge=1, le=5)
+    score: float = pydantic.Field(gt=0, lt=10)
+    votes: int = pydantic.Field(ge=-3, le=-1)
+    verdict: Literal["good", "bad"]
+
+
+def test_sdk_parse_round_trips_pydantic_bounds(client: openai.OpenAI) -> None:
+    """The SDK sends `Field(ge=…, le=…)` as minimum/maximum (gt/lt as exclusive bounds) and validates the
+    reply with pydantic, which raises on any value out of range."""
+    parsed = []
+    for seed in (1, 2, 3):
+        completion = client.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Review a film."}],
+            response_format=Review,
+            max_tokens=100,
+            n=N,
+            seed=seed,
+            **HOT,
+        )
+        parsed += [c.message.parsed for c in completion.choices]
+    assert len(parsed) == 3 * N and all(isinstance(p, Review) for p in parsed)
+
+
 @pytest.mark.parametrize(
     "schema, keyword",
     [
-        ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "minimum"),
-        ({"type": "object", "properties": {"mail": {"type": "string", "format": "email"}}}, "email"),
+        ({"type": "object", "properties": {"age": {"type": "integer", "not": {"const": 3}}}}, "not"),
+        ({"type": "object", "properties": {"mail": {"type": "string", "format": "phone"}}}, "phone"),
         ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
         ({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "patternProperties"),
         ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "https://example.com/s.json"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+        ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum"),
     ],
 )
 def test_unenforceable_schema_is_400_naming_the_feature(
@@ -254,46 +387,74 @@ def unary_calls(choice: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"id": c["id"], **c["function"]} for c in message["tool_calls"]]
 
 
-def completed_calls(calls: list[dict[str, Any]], finish_reason: str) -> list[dict[str, Any]]:
-    """The calls a choice finished: all of them, or all but the last when `max_tokens` cut the reply."""
-    assert finish_reason in ("tool_calls", "length")
-    return calls if finish_reason == "tool_calls" else calls[:-1]
-
-
 @pytest.mark.parametrize(
     "tool_choice, allowed",
     [("required", {"get_weather", "get_time"}), ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})],
     ids=["required", "named"],
 )
 def test_forced_tool_calls_always_validate(chatwire: Stack, tool_choice: Any, allowed: set[str]) -> None:
-    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": tool_choice, "n": N, "max_tokens": 120}
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": tool_choice, "n": N, "max_tokens": 200}
     ids = []
     for seed in SEEDS:
         reply = post(chatwire, seed=seed, **body)
         assert_valid(reply, "CreateChatCompletionResponse")
         for choice in reply["choices"]:
             calls = unary_calls(choice)
-            assert calls, "a forced tool choice must call"
-            if choice["finish_reason"] == "tool_calls":
-                assert choice["message"]["content"] is None
-            done = completed_calls(calls, choice["finish_reason"])
-            if done:
-                check_calls(done, allowed)
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+            check_calls(calls, allowed)
+            assert_no_repeated_call(calls)
             ids += [c["id"] for c in calls]
-    assert len(ids) >= N and len(set(ids)) == len(ids)
+    assert len(ids) >= len(SEEDS) * N and len(set(ids)) == len(ids)
+
+
+def assert_no_repeated_call(calls: list[dict[str, Any]]) -> None:
+    assert len({(c["name"], c["arguments"]) for c in calls}) == len(calls), "a repeated call ends the reply"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_named_tool_choice_makes_exactly_one_call(chatwire: Stack, streaming: bool) -> None:
+    """A named function means one call to it, however eagerly the model would call it again."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": named, "n": N, "max_tokens": 200, **HOT}
+    for seed in SEEDS:
+        if streaming:
+            choices = [
+                (list(s["tool_calls"].values()), s["finish_reason"])
+                for s in streamed_choices(stream(chatwire, seed=seed, **body)).values()
+            ]
+        else:
+            choices = [(unary_calls(c), c["finish_reason"]) for c in post(chatwire, seed=seed, **body)["choices"]]
+        for calls, reason in choices:
+            assert reason == "tool_calls" and len(calls) == 1
+            check_calls(calls, {"get_weather"})
+
+
+def test_a_repeated_call_ends_the_reply(chatwire: Stack) -> None:
+    """Greedy decoding makes this model write the same call until max_tokens; the reply ends at the repeat."""
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": "required", "max_tokens": 300, "temperature": 0}
+    for streaming in (False, True):
+        if streaming:
+            state = streamed_choices(stream(chatwire, **body))[0]
+            calls, reason = list(state["tool_calls"].values()), state["finish_reason"]
+        else:
+            choice = post(chatwire, **body)["choices"][0]
+            calls, reason = unary_calls(choice), choice["finish_reason"]
+        assert reason == "tool_calls"
+        check_calls(calls, set(SCHEMAS))
+        assert_no_repeated_call(calls)
 
 
 def test_forced_tool_calls_stream_like_openai(chatwire: Stack) -> None:
-    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": "required", "n": N, "max_tokens": 120}
+    body = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": "required", "n": N, "max_tokens": 200}
     checked = 0
     for seed in SEEDS:
         for state in streamed_choices(stream(chatwire, seed=seed, **body)).values():
-            assert state["content"] == "" and state["tool_calls"]
-            done = completed_calls(list(state["tool_calls"].values()), state["finish_reason"])
-            if done:
-                check_calls(done, set(SCHEMAS))
-            checked += len(done)
-    assert checked >= N
+            assert state["content"] == "" and state["finish_reason"] == "tool_calls"
+            calls = list(state["tool_calls"].values())
+            check_calls(calls, set(SCHEMAS))
+            assert_no_repeated_call(calls)
+            checked += len(calls)
+    assert checked >= len(SEEDS) * N
 
 
 def test_stream_and_unary_rebuild_the_same_calls(chatwire: Stack) -> None:

@@ -8,8 +8,10 @@ from chatwire_server.text import StopMatcher
 from conftest import assert_valid
 
 
-def feed_all(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:
-    matcher = StopMatcher(stops)
+def feed_all(
+    stops: tuple[str, ...], pieces: list[str], repeated_block: tuple[str, str] | None = None
+) -> tuple[str, bool]:
+    matcher = StopMatcher(stops, repeated_block)
     out = []
     for piece in pieces:
         text, hit = matcher.feed(piece)
@@ -40,6 +42,27 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     matcher = StopMatcher(("STOP",))
     assert matcher.feed("go ST") == ("go ", False)
     assert matcher.feed("X") == ("STX", False)
+
+
+@pytest.mark.parametrize(
+    "pieces, expected",
+    [
+        (["<c>a</c>", "\n<c>a</c>", "\nmore"], ("<c>a</c>\n", True)),  # the repeat is cut, the block stays
+        (["<c>a</", "c>\n<c", ">a</c>"], ("<c>a</c>\n", True)),  # pieces split anywhere
+        (["<c>a</c>\n<c>", "b</c>"], ("<c>a</c>\n<c>b</c>", False)),  # a different block is no repeat
+        (["<c>a</c>\n<c>b</c>\n<c>", "b</c>"], ("<c>a</c>\n<c>b</c>\n", True)),
+        (["<c>ab</c>", "<c>a</c>", "x"], ("<c>ab</c><c>a</c>x", False)),  # a prefix of a block is no repeat
+    ],
+)
+def test_stop_matcher_ends_before_a_repeated_block(pieces: list[str], expected: tuple[str, bool]) -> None:
+    assert feed_all((), pieces, ("<c>", "</c>")) == expected
+
+
+def test_stop_matcher_holds_back_a_possible_repeat_only() -> None:
+    matcher = StopMatcher((), ("<c>", "</c>"))
+    assert matcher.feed("<c>a</c>") == ("<c>a</c>", False)
+    assert matcher.feed("\n<c>a") == ("\n", False)  # could be the repeat
+    assert matcher.feed("b") == ("<c>ab", False)  # it is not
 
 
 def test_validator_rejects_what_the_spec_forbids() -> None:

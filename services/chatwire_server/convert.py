@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
 from chatwire_server import structured
-from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TokenLogprob
+from chatwire_server.domain import ChatMessage, ChatRequest, Constraint, Finished, SamplingParams, TokenLogprob
 from chatwire_server.errors import InvalidRequestError
 from chatwire_server.registry import ModelEntry
 
@@ -36,23 +36,24 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
     messages = _messages_from_proto(request.messages)
     tools = _tools(request)
     choice = _tool_choice(request, tools)
-    response_grammar = _response_format_grammar(request)
-    grammar, trigger = response_grammar, None
+    constraint = _response_format_constraint(request)
+    repeat_stop = None
     if choice != "none":
-        if response_grammar is not None:
+        if constraint is not None:
             raise InvalidRequestError(
                 "'response_format' cannot be combined with tool calls; set 'tool_choice' to 'none' or drop "
                 "'response_format'.",
                 param="response_format",
                 code="unsupported_parameter",
             )
-        callable_tools = tools if choice in ("auto", "required") else [t for t in tools if t.name == choice]
         parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
-        grammar = structured.tool_call_grammar(callable_tools, parallel=parallel)
-        # `auto` lets the model answer in text; the grammar takes over only once it opens a tool call.
-        trigger = structured.TOOL_CALL_TRIGGER if choice == "auto" else None
+        constraint = structured.tool_call_constraint(tools, choice, parallel=parallel)
+        # The reply ends when a call repeats an earlier one word for word: a small model repeats itself.
+        repeat_stop = (structured.TOOL_CALL_OPEN, structured.TOOL_CALL_CLOSE)
         messages = _with_system_text(messages, structured.tools_prompt(tools, None if choice == "auto" else choice))
-    sampling = dataclasses.replace(_sampling_from_proto(request), grammar=grammar, grammar_trigger=trigger)
+    sampling = dataclasses.replace(
+        _sampling_from_proto(request), constraint=constraint, stop_at_repeated_block=repeat_stop
+    )
     return ChatRequest(
         model=request.model,
         messages=messages,
@@ -172,13 +173,13 @@ def _json_value(struct: struct_pb2.Struct) -> Any:
     return restore(json_format.MessageToDict(struct))
 
 
-def _response_format_grammar(request: pb.CreateChatCompletionRequest) -> str | None:
-    """The grammar `response_format` asks for, or None for free text."""
+def _response_format_constraint(request: pb.CreateChatCompletionRequest) -> Constraint | None:
+    """The constraint `response_format` asks for, or None for free text."""
     kind = request.response_format.type
     if kind in ("", "text"):
         return None
     if kind == "json_object":
-        return structured.json_grammar(None, "response_format")
+        return structured.json_constraint(None, "response_format")
     if kind == "json_schema":
         spec = request.response_format.json_schema
         if not structured.NAME_PATTERN.match(spec.name):
@@ -188,7 +189,7 @@ def _response_format_grammar(request: pb.CreateChatCompletionRequest) -> str | N
                 code="invalid_value",
             )
         schema = _json_value(spec.schema) if spec.HasField("schema") else None
-        return structured.json_grammar(schema, "response_format.json_schema.schema")
+        return structured.json_constraint(schema, "response_format.json_schema.schema")
     raise InvalidRequestError(
         f"Invalid 'response_format.type': '{kind}'; expected 'text', 'json_object' or 'json_schema'.",
         param="response_format.type",

@@ -16,6 +16,16 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding: a grammar every reply must follow."""
+
+    # An llguidance grammar (its JSON form), built and validated from the request by `structured`.
+    grammar: str
+    # The request field the grammar comes from, named in errors.
+    param: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop, for one choice."""
 
@@ -31,10 +41,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # Token id -> bias added to its logit; -100 bans the token, +100 all but forces it.
     logit_bias: dict[int, float] = field(default_factory=dict)
-    # A llama.cpp GBNF grammar every reply must follow; with `grammar_trigger` (a regex), only from the
-    # point where the reply matches it.
-    grammar: str | None = None
-    grammar_trigger: str | None = None
+    constraint: Constraint | None = None
+    # (open, close): the reply ends, as if at a stop sequence, before it repeats word for word a block between
+    # these delimiters that it already wrote (a small model calls the same tool again and again).
+    stop_at_repeated_block: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

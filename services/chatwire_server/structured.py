@@ -1,14 +1,17 @@
-"""Structured outputs and tool calls: JSON Schemas to llama.cpp grammars, and tool calls out of replies.
+"""Structured outputs and tool calls: JSON Schemas and tool lists to llguidance grammars, and tool calls out of
+replies.
 
-Guaranteed-valid JSON comes from grammar-constrained decoding: every sampled token must keep the text inside
-the grammar. Grammars are llama.cpp's GBNF, converted from JSON Schema by llama-cpp-python's converter (a
-port of llama.cpp's own), because they run inside the llama.cpp sampler chain we already use per sequence:
-no second tokenizer, no extra dependency. The converter does not understand every JSON Schema keyword, so a
-schema is checked first and any keyword it would silently drop is refused with a 400.
+Guaranteed-valid JSON comes from constrained decoding: before each token is sampled, the engine masks every
+token that would take the reply out of the grammar. Grammars are llguidance's (the library behind llama.cpp's
+optional grammar backend, vLLM's and SGLang's): its JSON Schema compiler enforces by construction every keyword
+of OpenAI's strict subset (numeric bounds and `multipleOf` included, which GBNF converters cannot express), its
+grammars are checked here in the server before a request reaches the engine, and its work per token is bounded
+by its own limits. A schema is walked first, so a keyword nobody enforces is refused with a 400 naming it and
+its path.
 
 Tool calls are written by the model as `<tool_call>{"name": "f", "arguments": {...}}</tool_call>` blocks,
-constrained by a grammar built from the tools' parameter schemas; `ReplyParser` turns the stream of text into
-content and tool-call pieces.
+constrained by a Lark grammar (llguidance's dialect) that inlines each tool's parameter schema; `ReplyParser`
+turns the stream of text into content and tool-call pieces.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llguidance import LLMatcher
 
+from chatwire_server.domain import Constraint
 from chatwire_server.errors import InvalidRequestError
 
-# Keywords the converter enforces, and annotations that constrain nothing.
+# Keywords the grammar enforces, and annotations that constrain nothing.
 ENFORCED_KEYWORDS = frozenset(
     {
         "type",
@@ -46,18 +50,30 @@ ENFORCED_KEYWORDS = frozenset(
         "format",
         "minLength",
         "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
     }
 )
 ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly"}
 )
-ENFORCED_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+# OpenAI's strict-mode formats, and `uri`, which llguidance enforces too.
+ENFORCED_FORMATS = frozenset(
+    {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"}
+)
+# Keywords whose value is a map of subschemas, or a list of them.
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_HEAD, _CALL_MID = '{"name": "', '", "arguments": '
-# llama.cpp's lazy grammars start constraining when the generated text matches this; group 1 marks where.
-TOOL_CALL_TRIGGER = r"[\s\S]*?(<tool_call>)[\s\S]*"
+# JSON as a model writes it (and as the tools prompt shows it): one line, a space after ',' and ':'. Flexible
+# whitespace would let a small model pad replies with newlines until max_tokens.
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -92,73 +108,85 @@ def check_schema(schema: Any, param: str, path: str = "") -> None:
                 param=param,
                 code="unsupported_schema",
             )
-        if key == "$ref" and not str(value).startswith("#/"):
+        if key == "$ref" and not (value == "#" or str(value).startswith("#/")):
             raise InvalidRequestError(
                 f"Only local references ('#/...') are supported; got '{value}' at '{path or '/'}'.",
                 param=param,
                 code="unsupported_schema",
             )
-        if key in ("properties", "$defs", "definitions"):
+        if key in _SCHEMA_MAPS:
             for name, sub in value.items():
                 check_schema(sub, param, f"{path}/{key}/{name}")
         elif key in ("items", "additionalProperties") and isinstance(value, dict | bool):
             check_schema(value, param, f"{path}/{key}")
-        elif key in ("prefixItems", "anyOf", "oneOf", "allOf", "items"):
+        elif key in (*_SCHEMA_LISTS, "items"):
             for i, sub in enumerate(value):
                 check_schema(sub, param, f"{path}/{key}/{i}")
 
 
-# The converter's string characters admit raw control characters (and its regex `.` admits quotes), which
-# JSON forbids inside strings; llama.cpp's own converter excludes them, and so do we.
-_JSON_SAFE_CHAR = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-_JSON_SAFE_DOT = r'[^"\\\x7F\x00-\x1F]'
+def _closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` wherever an object lists `properties` and says nothing
+    about others: a reply never holds keys the schema does not name (valid output either way, and what OpenAI's
+    strict mode requires of every object)."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: _closed(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            closed[key] = [_closed(sub) for sub in value]
+        elif key in ("items", "additionalProperties"):
+            closed[key] = _closed(value)
+    if "properties" in schema and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
-def _converter() -> SchemaConverter:
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-
-
-def _grammar_text(converter: SchemaConverter) -> str:
-    """The converter's rules as GBNF, with JSON-safe string characters."""
-    for rule, safe in (("char", _JSON_SAFE_CHAR), ("dot", _JSON_SAFE_DOT)):
-        if rule in converter._rules:
-            converter._rules[rule] = safe
-    return str(converter.format_grammar())
-
-
-def json_grammar(schema: dict[str, Any] | None, param: str) -> str:
-    """The grammar of JSON text valid against `schema`; no schema means any JSON object."""
-    schema = {"type": "object"} if schema is None else schema
+def _compiled(schema: Any, param: str) -> dict[str, Any]:
+    """A checked schema, closed and laid out for the JSON compiler."""
     check_schema(schema, param)
-    converter = _converter()
-    try:
-        converter.visit(converter.resolve_refs(schema, "schema"), "")
-    except Exception as exc:  # the converter rejects what it cannot translate (a bad ref, an odd pattern)
-        raise InvalidRequestError(
-            f"The schema cannot be enforced: {exc}", param=param, code="unsupported_schema"
-        ) from None
-    return _grammar_text(converter)
+    return {**_closed(schema), "x-guidance": _JSON_LAYOUT}
 
 
-def tool_call_grammar(tools: list[Tool], *, parallel: bool) -> str:
-    """The grammar of one (or, with `parallel`, several) `<tool_call>` blocks calling `tools`."""
-    converter = _converter()
+def _validated(grammar: str, param: str) -> Constraint:
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequestError(f"The schema cannot be enforced: {error}", param=param, code="unsupported_schema")
+    return Constraint(grammar, param)
+
+
+def json_constraint(schema: dict[str, Any] | None, param: str) -> Constraint:
+    """Replies are JSON text valid against `schema`; no schema means any JSON object."""
+    schema = {"type": "object"} if schema is None else schema
+    return _validated(LLMatcher.grammar_from_json_schema(_compiled(schema, param)), param)
+
+
+def tool_call_constraint(tools: list[Tool], choice: str, *, parallel: bool) -> Constraint:
+    """Replies that call `tools` as `tool_choice` says: `required`, one or more `<tool_call>` blocks (one
+    without `parallel`); a function's name, exactly one call to it; `auto`, free text, constrained only from
+    the moment the model opens a call."""
     calls = []
     for i, tool in enumerate(tools):
-        param = f"tools[{i}].function.parameters"
-        check_schema(tool.parameters, param)
-        try:
-            args = converter.visit(converter.resolve_refs(tool.parameters, f"tool-{i}"), f"tool-{i}-arguments")
-        except Exception as exc:
-            raise InvalidRequestError(
-                f"The schema cannot be enforced: {exc}", param=param, code="unsupported_schema"
-            ) from None
-        head = converter._format_literal(f"{_CALL_HEAD}{tool.name}{_CALL_MID}")
-        calls.append(converter._add_rule(f"tool-{i}-call", f"{head} {args} {converter._format_literal('}')}"))
-    open_tag, close_tag = converter._format_literal(TOOL_CALL_OPEN), converter._format_literal(TOOL_CALL_CLOSE)
-    block = converter._add_rule("tool-call-block", f"{open_tag} ( {' | '.join(calls)} ) {close_tag}")
-    converter._add_rule("root", f'{block} ( "\\n" {block} )*' if parallel else block)
-    return _grammar_text(converter)
+        if choice in ("auto", "required", tool.name):
+            param = f"tools[{i}].function.parameters"
+            arguments = _compiled(tool.parameters, param)
+            _validated(LLMatcher.grammar_from_json_schema(arguments), param)  # names the tool that fails
+            calls.append(f'{_lark_literal(_CALL_HEAD + tool.name + _CALL_MID)} %json {json.dumps(arguments)} "}}"')
+    open_tag, close_tag = _lark_literal(TOOL_CALL_OPEN), _lark_literal(TOOL_CALL_CLOSE)
+    more = r' ("\n" call)*' if parallel and choice in ("auto", "required") else ""
+    rules = ["%llguidance {}", f"body: {' | '.join(calls)}", f"call: {open_tag} body {close_tag}"]
+    if choice == "auto":
+        # Any text; the lazy lexeme ends at the first `<tool_call>`, and from there the call must be well formed.
+        rules += [r"TEXT: /(.|\n)*/", f"opened[lazy]: TEXT {open_tag}", f"start: TEXT | opened body {close_tag}{more}"]
+    else:
+        rules.append(f"start: call{more}")
+    return _validated(LLMatcher.grammar_from_lark("\n".join(rules)), "tools")
+
+
+def _lark_literal(text: str) -> str:
+    # JSON string syntax is Lark's string literal syntax for the characters tool names and tags use.
+    return json.dumps(text)
 
 
 def tools_prompt(tools: list[Tool], choice: str | None) -> str:

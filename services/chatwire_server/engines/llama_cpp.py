@@ -28,10 +28,13 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _logger as llama_cpp_logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llguidance import LLMatcher
+from llguidance.llamacpp import lltokenizer_from_vocab
 
 from chatwire_server.domain import (
     ChatMessage,
     ChatRequest,
+    Constraint,
     EngineEvent,
     Finished,
     SamplingParams,
@@ -98,6 +101,8 @@ class _Job:
     top_logprobs: int | None
     budget: int
     emit: Callable[[EngineEvent | BaseException], None]
+    # The grammar's matcher at the reply's start, when the request constrains replies; each choice gets a copy.
+    matcher: LLMatcher | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled at admission.
     # Sequence ids still held (a finished choice gives its id back).
@@ -118,6 +123,7 @@ class _Sequence:
     index: int
     seq_id: int
     sampler: Any
+    matcher: LLMatcher | None
     stops: StopMatcher
     utf8: codecs.IncrementalDecoder
     # Position of `next_token`, the sampled token not yet decoded.
@@ -165,6 +171,11 @@ class LlamaCppEngine:
         self._max_context = min(settings.max_context or train_ctx, self._cell_capacity())
 
         self._pieces: dict[int, bytes] = {}
+        # Constrained decoding: llguidance's view of the vocabulary (every end-of-generation token ends a
+        # grammar), and the token mask the scheduler fills before sampling a constrained sequence.
+        eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+        self._grammar_tokenizer = lltokenizer_from_vocab(self._vocab, eos_token=eog)
+        self._mask = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
         self._formatter = Jinja2ChatFormatter(
             template=self._metadata("tokenizer.chat_template"),
             eos_token=self._piece(llama_cpp.llama_vocab_eos(self._vocab), special=True).decode(),
@@ -253,7 +264,8 @@ class LlamaCppEngine:
             except RuntimeError:  # the event loop is gone: the server is shutting down
                 job.cancelled.set()
 
-        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, emit)
+        matcher = await self._matcher(request.sampling.constraint) if request.sampling.constraint else None
+        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, emit, matcher)
         self._submit(job)
         finished = 0
         try:
@@ -268,6 +280,17 @@ class LlamaCppEngine:
             job.cancelled.set()
             with self._lock:
                 self._lock.notify()
+
+    async def _matcher(self, constraint: Constraint) -> LLMatcher:
+        """The grammar's matcher, built off the event loop (a large schema takes a while)."""
+        matcher = await asyncio.to_thread(LLMatcher, self._grammar_tokenizer, constraint.grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"The schema cannot be enforced: {matcher.get_error()}",
+                param=constraint.param,
+                code="unsupported_schema",
+            )
+        return matcher
 
     def _submit(self, job: _Job) -> None:
         with self._lock:
@@ -375,7 +398,7 @@ class LlamaCppEngine:
         for owner, row in rows:
             if isinstance(owner, _Job):
                 self._start_decoding(owner, row)
-            else:
+            elif not owner.done:  # a choice whose request failed in this step is done too
                 self._sample(owner, row)
         self._running = [s for s in self._running if not s.done]
         self._make_room_to_grow()
@@ -499,24 +522,43 @@ class LlamaCppEngine:
         first = job.seq_ids[0]
         for seq_id in job.seq_ids[1:]:
             llama_cpp.llama_memory_seq_cp(self._memory, first, seq_id, -1, -1)
-        for index, seq_id in enumerate(job.seq_ids):
-            seq = _Sequence(
+        choices = [
+            _Sequence(
                 job=job,
                 index=index,
                 seq_id=seq_id,
                 sampler=self._sampler(job.sampling, index, job.budget),
-                stops=StopMatcher(job.sampling.stop),
+                matcher=job.matcher.deep_copy() if job.matcher else None,
+                stops=StopMatcher(job.sampling.stop, job.sampling.stop_at_repeated_block),
                 utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
                 pos=len(job.prompt),
             )
-            self._running.append(seq)
-            self._sample(seq, row)
+            for index, seq_id in enumerate(job.seq_ids)
+        ]
+        self._running.extend(choices)
+        for seq in choices:
+            if not seq.done:  # the request may have failed on an earlier choice's token
+                self._sample(seq, row)
 
     def _sample(self, seq: _Sequence, row: int) -> None:
         """Pick the sequence's next token from its logits row, emit its text, and end it if it is done."""
         job = seq.job
         logprobs = self._logprobs(row, job.top_logprobs) if job.top_logprobs is not None else None
-        token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row)
+        if seq.matcher is None:
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row)
+        elif (constrained := self._sample_constrained(seq, seq.matcher, row)) is not None:
+            token = constrained
+        else:  # the request alone fails; the other requests in the batch go on
+            constraint = job.sampling.constraint
+            job.emit(
+                InvalidRequestError(
+                    f"The reply's grammar could not go on: {seq.matcher.get_error()}",
+                    param=constraint.param if constraint else None,
+                    code="unsupported_schema",
+                )
+            )
+            self._release(job)
+            return
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq, "stop", self._drain(seq))
             return
@@ -527,6 +569,8 @@ class LlamaCppEngine:
         logprob = (logprobs(token, piece),) if logprobs else ()
         if hit_stop:
             self._finish(seq, "stop", text, logprob)
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar admits nothing more
+            self._finish(seq, "stop", text + self._drain(seq), logprob)
         elif seq.generated >= job.budget:
             rest = self._drain(seq)
             self._finish(seq, "stop" if seq.stopped else "length", text + rest, logprob)
@@ -534,6 +578,22 @@ class LlamaCppEngine:
             if text or logprob:
                 job.emit(TextDelta(seq.index, text, logprob))
             seq.next_token = token
+
+    def _sample_constrained(self, seq: _Sequence, matcher: LLMatcher, row: int) -> int | None:
+        """Sample with every token the grammar forbids masked out of the logits row, then advance the grammar.
+        The row is restored afterwards: the other choices of a request sample from the same first row."""
+        matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if matcher.is_error():  # the grammar hit one of llguidance's limits
+            return None
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        allowed = np.unpackbits(self._mask.view(np.uint8), count=self.n_vocab, bitorder="little").view(bool)
+        original = logits.copy()
+        np.copyto(logits, -np.inf, where=~allowed)
+        token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row))
+        np.copyto(logits, original)
+        if not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            matcher.consume_token(token)
+        return token
 
     def _drain(self, seq: _Sequence) -> str:
         """Text still held back when a reply ends: an unfinished UTF-8 sequence, a possible stop prefix."""
@@ -578,6 +638,7 @@ class LlamaCppEngine:
         for seq in [s for s in self._running if s.job is job]:
             llama_cpp.llama_sampler_free(seq.sampler)
             self._running.remove(seq)
+            seq.done = True
         for seq_id in job.seq_ids:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_seq_ids.append(seq_id)
@@ -589,9 +650,6 @@ class LlamaCppEngine:
         """A llama.cpp sampler chain with this choice's parameters and seed."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if sampling.grammar:
-            # First in the chain: every later step only sees tokens that keep the reply inside the grammar.
-            add(self._grammar_sampler(sampling.grammar, sampling.grammar_trigger))
         if sampling.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
             for i, (token, bias) in enumerate(sampling.logit_bias.items()):
@@ -620,18 +678,6 @@ class LlamaCppEngine:
         add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         add(llama_cpp.llama_sampler_init_dist(_choice_seed(sampling.seed, index)))
         return chain
-
-    def _grammar_sampler(self, grammar: str, trigger: str | None) -> Any:
-        if trigger is None:
-            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        else:
-            patterns = (ctypes.c_char_p * 1)(trigger.encode())
-            sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                self._vocab, grammar.encode(), b"root", patterns, 1, None, 0
-            )
-        if not sampler:
-            raise ValueError("llama.cpp rejected the grammar")
-        return sampler
 
     def _logprobs(self, row: int, top: int) -> Callable[[int, bytes], TokenLogprob]:
         """Log-probabilities of the model's distribution at a logits row (before sampling adjustments)."""
