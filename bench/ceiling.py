@@ -188,6 +188,7 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 
 def run_engine(model_path: Path, workloads: list[Workload]) -> dict[str, Any]:
     """chatwire's engine in-process: the same requests through `LlamaCppEngine.generate`."""
+    from chatwire_server import structured
     from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TextDelta
     from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
 
@@ -198,7 +199,12 @@ def run_engine(model_path: Path, workloads: list[Workload]) -> dict[str, Any]:
             model="m",
             messages=tuple(ChatMessage(m["role"], m["content"]) for m in workload.messages(i)),
             sampling=SamplingParams(
-                max_tokens=workload.max_tokens, temperature=0.8, logit_bias=dict.fromkeys(END_TOKENS, -100.0)
+                max_tokens=workload.max_tokens,
+                temperature=0.8,
+                logit_bias=dict.fromkeys(END_TOKENS, -100.0),
+                constraint=structured.json_constraint(workload.response_format["json_schema"]["schema"], "schema")
+                if workload.response_format
+                else None,
             ),
             n=workload.n,
         )
@@ -256,7 +262,8 @@ def main() -> None:
         llama_cpp_logger.set_verbose(False)
         loop = RawLoop(args.model_path)
         loop.run(Workload("warm", "", 1, 1, max_tokens=8))
-        results = {w.name: loop.run(w) for w in chosen}
+        # The ceiling has no grammar: constrained workloads are compared between servers only.
+        results = {w.name: loop.run(w) for w in chosen if w.response_format is None}
     else:
         results = run_engine(args.model_path, chosen)
     print(json.dumps({"figures": results, "peak_rss_kb": _peak_rss_kb()}))

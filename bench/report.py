@@ -117,6 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Workloads: " + "; ".join(f"**{k}** {v}" for k, v in results["workloads"].items()) + ".", ""]
     lines += ["![tokens/s against concurrency](bench/results/tokens_per_s.png)", ""]
 
+    lines += _constraint_cost(results, targets)
     lines += ["## Latency and throughput per workload", ""]
     lines += ["TTFT: request sent → first content token. ITL: gap between successive tokens of a choice. ms.", ""]
     for name in results["workloads"]:
@@ -161,6 +162,31 @@ def markdown(results: dict[str, Any]) -> str:
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _constraint_cost(results: dict[str, Any], targets: list[str]) -> list[str]:
+    """Constrained against plain decoding: the same 16 streams of 64 tokens, with and without a json_schema."""
+    rows = []
+    for target in targets:
+        plain, constrained = _tps(results, target, "c16"), _tps(results, target, "structured")
+        if plain and constrained:
+            # Time per token of one stream: 16 streams share the throughput.
+            plain_ms, constrained_ms = 16_000 / plain, 16_000 / constrained
+            rows.append(
+                f"| {target} | {plain:.1f} | {constrained:.1f} | {_ratio(constrained, plain, percent=True)} | "
+                f"{plain_ms:.1f} | {constrained_ms:.1f} | {constrained_ms - plain_ms:+.1f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## What a constraint costs (structured against c16)",
+        "",
+        "| target | c16 tokens/s | structured tokens/s | structured ÷ plain | ms/token/stream, plain | "
+        "constrained | cost |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -79,6 +79,32 @@ def shared_system_prompt(i: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
+# Structured outputs: an array of readings with integer bounds (what every server here can enforce; llama.cpp's
+# GBNF converter has no float bounds). `minItems` keeps every reply unfinished at 64 tokens, so each stream is
+# as long as the plain ones and the two cost the same number of tokens.
+READINGS = {
+    "type": "object",
+    "properties": {
+        "readings": {
+            "type": "array",
+            "minItems": 64,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sensor": {"type": "integer", "minimum": 1, "maximum": 64},
+                    "celsius": {"type": "integer", "minimum": -40, "maximum": 125},
+                },
+                "required": ["sensor", "celsius"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["readings"],
+    "additionalProperties": False,
+}
+READINGS_FORMAT = {"type": "json_schema", "json_schema": {"name": "readings", "schema": READINGS, "strict": True}}
+
+
 @dataclass(frozen=True)
 class Workload:
     """`requests` streamed requests, at most `concurrency` at once."""
@@ -90,6 +116,7 @@ class Workload:
     prompts: str = "short"  # short | long | shared | same
     n: int = 1
     max_tokens: int = MAX_TOKENS
+    response_format: dict[str, Any] | None = None
 
     def messages(self, i: int) -> list[dict[str, str]]:
         if self.prompts == "same":
@@ -105,6 +132,13 @@ WORKLOADS = [
     Workload("long", "4 concurrent streams, ~700-token prompts, all different", 4, 4, prompts="long"),
     Workload("shared", "16 concurrent streams sharing a ~600-token system prompt", 16, 16, prompts="shared"),
     Workload("n4", "4 concurrent requests with n = 4 (16 sequences)", 4, 4, n=4),
+    Workload(
+        "structured",
+        "16 concurrent streams like c16, each constrained to a json_schema with integer bounds",
+        16,
+        16,
+        response_format=READINGS_FORMAT,
+    ),
 ]
 # Time to first token of a 1-token reply to a cached prompt, one request at a time: what each hop adds.
 OVERHEAD = Workload("overhead", "1-token replies to a cached prompt, one at a time", 1, 20, "same", max_tokens=1)
@@ -200,6 +234,8 @@ def request_body(workload: Workload, i: int, model: str) -> dict[str, Any]:
     }
     if workload.n != 1:
         body["n"] = workload.n
+    if workload.response_format:
+        body["response_format"] = workload.response_format
     return body
 
 
