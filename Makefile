@@ -13,6 +13,8 @@ PROTOS := $(wildcard proto/chatwire/v1/*.proto)
 BUF_VERSION := 1.75.0
 BUF := $(BUILD)/tools/node_modules/.bin/buf
 COMPOSE_SCHEMA := $(BUILD)/compose_spec.json
+NODE_TESTS := tests/node
+NODE_MODULES := $(NODE_TESTS)/node_modules/.package-lock.json
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 # llama.cpp is compiled for this CPU (-march=native) but without AMX: sandboxes and VMs that report AMX yet
 # grant no tile state kill the first matrix multiply with SIGILL. The engine's wheel is built once per machine
@@ -37,7 +39,7 @@ help: ## List the targets
 run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.stack
 
-test: setup $(BUF) $(COMPOSE_SCHEMA) ## Lint, then run the whole suite (real Envoy, real model)
+test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model)
 	$(BUF) lint
 	$(PY) -m ruff check services tests bench
 	$(PY) -m mypy
@@ -95,6 +97,11 @@ $(DESCRIPTOR): $(PROTOS) $(THIRD_PARTY)/google/api/annotations.proto
 	  --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) \
 	  --include_imports --include_source_info --descriptor_set_out=$@ $(PROTOS)
 	touch $(GEN)/chatwire/__init__.py $(GEN)/chatwire/v1/__init__.py
+
+# The OpenAI Node SDK for tests/test_client_node.py, exactly as the committed lockfile pins it; npm ci writes
+# node_modules/.package-lock.json, so a changed lockfile reinstalls.
+$(NODE_MODULES): $(NODE_TESTS)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(NODE_TESTS)
 
 $(BUF):
 	npm install --silent --no-save --no-audit --no-fund --prefix $(BUILD)/tools @bufbuild/buf@$(BUF_VERSION)
