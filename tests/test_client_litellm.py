@@ -21,6 +21,7 @@ import pydantic
 import pytest
 
 from conftest import MODEL, Stack
+from test_structured import ASK_WEATHER, TOOLS, WEATHER
 
 pytestmark = [
     pytest.mark.clients,
@@ -30,27 +31,6 @@ pytestmark = [
 ]
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
-ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["c", "f"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"timezone": {"type": "string", "maxLength": 30}},
-    "required": ["timezone"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
-    },
-    {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone", "parameters": TIME}},
-]
-
 # --- offline guard -------------------------------------------------------------------------------------
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
