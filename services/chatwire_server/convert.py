@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +17,18 @@ from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
 from chatwire_server import structured
 from chatwire_server.domain import ChatMessage, ChatRequest, Constraint, Finished, SamplingParams, TokenLogprob
-from chatwire_server.errors import InvalidRequestError
+from chatwire_server.errors import InvalidRequestError, quote
 from chatwire_server.registry import ModelEntry
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_STOP_SEQUENCES = 4
+# Bounds on the work one request can cause before the engine sees it (templating, tokenizing, grammars); each
+# is far above what fits a model's context, so no request that could be served is refused.
+MAX_MESSAGES = 4096  # a chat template renders every message: a prompt that fits holds far fewer
+MAX_CONTENT_PARTS = 4096  # content parts in all messages together
+MAX_STOP_CHARS = 1024  # one stop sequence; every token is checked against it
+MAX_TOOLS = 128  # OpenAI's limit
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() takes "²" and "①"
 
 
 def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequest:
@@ -30,6 +38,19 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
     if not request.messages:
         raise InvalidRequestError(
             "'messages' must be a non-empty array of messages", param="messages", code="empty_array"
+        )
+    if len(request.messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"Invalid 'messages': at most {MAX_MESSAGES} messages are allowed, got {len(request.messages)}.",
+            param="messages",
+            code="array_above_max_length",
+        )
+    parts = sum(len(m.content.list_value.values) for m in request.messages if m.content.HasField("list_value"))
+    if parts > MAX_CONTENT_PARTS:
+        raise InvalidRequestError(
+            f"Invalid 'messages': at most {MAX_CONTENT_PARTS} content parts are allowed in all, got {parts}.",
+            param="messages",
+            code="array_above_max_length",
         )
     _reject_unsupported(request)
     _check_accepted_fields(request)
@@ -73,7 +94,7 @@ def _messages_from_proto(messages: Sequence[pb.ChatCompletionRequestMessage]) ->
         call_ids.update(call.id for call in message.tool_calls)
         if message.role == "tool" and message.tool_call_id and message.tool_call_id not in call_ids:
             raise InvalidRequestError(
-                f"'messages[{i}].tool_call_id' ('{message.tool_call_id}') answers no tool call of an earlier "
+                f"'messages[{i}].tool_call_id' ('{quote(message.tool_call_id)}') answers no tool call of an earlier "
                 "assistant message.",
                 param=f"messages[{i}].tool_call_id",
                 code="invalid_value",
@@ -91,19 +112,25 @@ def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[Cha
 
 
 def _tools(request: pb.CreateChatCompletionRequest) -> list[structured.Tool]:
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidRequestError(
+            f"Invalid 'tools': at most {MAX_TOOLS} tools are allowed, got {len(request.tools)}.",
+            param="tools",
+            code="array_above_max_length",
+        )
     tools: list[structured.Tool] = []
     for i, tool in enumerate(request.tools):
         where = f"tools[{i}]"
         if tool.type != "function":
             raise InvalidRequestError(
-                f"'{where}.type' is '{tool.type}'; only 'function' tools are supported.",
+                f"'{where}.type' is '{quote(tool.type)}'; only 'function' tools are supported.",
                 param=f"{where}.type",
                 code="unsupported_parameter",
             )
         name = tool.function.name
         if not structured.NAME_PATTERN.match(name):
             raise InvalidRequestError(
-                f"Invalid '{where}.function.name': '{name}' must be 1-64 letters, digits, '_' or '-'.",
+                f"Invalid '{where}.function.name': '{quote(name)}' must be 1-64 letters, digits, '_' or '-'.",
                 param=f"{where}.function.name",
                 code="invalid_value",
             )
@@ -141,7 +168,7 @@ def _tool_choice(request: pb.CreateChatCompletionRequest, tools: list[structured
         choice = str(function["name"])
         if not any(t.name == choice for t in tools):
             raise InvalidRequestError(
-                f"'tool_choice' names the function '{choice}', which is not in 'tools'.",
+                f"'tool_choice' names the function '{quote(choice)}', which is not in 'tools'.",
                 param="tool_choice.function.name",
                 code="invalid_value",
             )
@@ -191,7 +218,7 @@ def _response_format_constraint(request: pb.CreateChatCompletionRequest) -> Cons
         schema = _json_value(spec.schema) if spec.HasField("schema") else None
         return structured.json_constraint(schema, "response_format.json_schema.schema")
     raise InvalidRequestError(
-        f"Invalid 'response_format.type': '{kind}'; expected 'text', 'json_object' or 'json_schema'.",
+        f"Invalid 'response_format.type': '{quote(kind)}'; expected 'text', 'json_object' or 'json_schema'.",
         param="response_format.type",
         code="invalid_value",
     )
@@ -220,9 +247,10 @@ SAFETY_IDENTIFIER_MAX = 64
 def _check_accepted_fields(request: pb.CreateChatCompletionRequest) -> None:
     """Fields that do not steer generation here are still checked against OpenAI's types and limits."""
     for name, allowed in ENUMS.items():
-        if request.HasField(name) and getattr(request, name) not in allowed:
+        value = getattr(request, name)
+        if request.HasField(name) and value not in allowed:
             raise InvalidRequestError(
-                f"Invalid value for '{name}': expected one of {', '.join(allowed)}; got '{getattr(request, name)}'.",
+                f"Invalid value for '{name}': expected one of {', '.join(allowed)}; got '{quote(value)}'.",
                 param=name,
                 code="invalid_value",
             )
@@ -275,7 +303,7 @@ def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) ->
     where = f"messages[{index}]"
     if message.role not in ROLES:
         raise InvalidRequestError(
-            f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}; got '{message.role}'.",
+            f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}; got '{quote(message.role)}'.",
             param=f"{where}.role",
             code="invalid_value",
         )
@@ -370,16 +398,16 @@ def _sampling_from_proto(request: pb.CreateChatCompletionRequest) -> SamplingPar
 def _logit_bias(request: pb.CreateChatCompletionRequest) -> dict[int, float]:
     biases = {}
     for key, bias in request.logit_bias.items():
-        if not key.strip().lstrip("-").isdigit():
+        if not _TOKEN_ID.fullmatch(key.strip()):
             raise InvalidRequestError(
-                f"Invalid key in 'logit_bias': '{key}' is not a token id (an integer).",
+                f"Invalid key in 'logit_bias': '{quote(key)}' is not a token id (an integer).",
                 param="logit_bias",
                 code="invalid_value",
             )
         if not -100 <= bias <= 100:
             raise InvalidRequestError(
                 f"Invalid value in 'logit_bias' for token {key}: {bias}; it must be between -100 and 100.",
-                param=f"logit_bias.{key}",
+                param=f"logit_bias.{quote(key)}",
                 code="invalid_value",
             )
         biases[int(key)] = float(bias)
@@ -429,7 +457,7 @@ def _stop_sequences(stop: struct_pb2.Value) -> tuple[str, ...]:
     if kind is None or kind == "null_value":
         return ()
     if kind == "string_value":
-        return (stop.string_value,)
+        return _bounded_stops((stop.string_value,))
     if kind == "list_value":
         values = stop.list_value.values
         if all(v.WhichOneof("kind") == "string_value" for v in values):
@@ -439,10 +467,20 @@ def _stop_sequences(stop: struct_pb2.Value) -> tuple[str, ...]:
                     param="stop",
                     code="invalid_value",
                 )
-            return tuple(v.string_value for v in values)
+            return _bounded_stops(tuple(v.string_value for v in values))
     raise InvalidRequestError(
         "Invalid type for 'stop': expected a string, an array of strings, or null.", param="stop", code="invalid_type"
     )
+
+
+def _bounded_stops(stops: tuple[str, ...]) -> tuple[str, ...]:
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidRequestError(
+            f"Invalid 'stop': each sequence may be at most {MAX_STOP_CHARS} characters.",
+            param="stop",
+            code="string_above_max_length",
+        )
+    return stops
 
 
 # --- responses ---------------------------------------------------------------------------------------

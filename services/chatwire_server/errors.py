@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
+
+# Error bodies travel as gRPC trailing metadata (and in logs): a client's value echoed whole could push them past
+# gRPC's metadata limits and fail the reply. Echoed values are quoted short, and messages are capped.
+MAX_ECHO_CHARS = 80
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 200
+
+
+def quote(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """A client's value for an error message, cut to `limit` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _capped(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit] + "..."
 
 
 class ChatwireError(Exception):
@@ -22,9 +39,10 @@ class ChatwireError(Exception):
         error_type: str | None = None,
         metadata: list[tuple[str, str]] | None = None,
     ) -> None:
+        message = _capped(message, MAX_MESSAGE_CHARS) or ""
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = _capped(param, MAX_PARAM_CHARS)
         self.code = code
         if error_type is not None:
             self.error_type = error_type
@@ -76,7 +94,7 @@ class ModelNotFoundError(ChatwireError):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"The model `{model}` does not exist or you do not have access to it.",
+            f"The model `{quote(model)}` does not exist or you do not have access to it.",
             param="model",
             code="model_not_found",
         )

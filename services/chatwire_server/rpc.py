@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire_server import metrics
-from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError
+from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,55 @@ SSE_ERROR_OBJECT = "chatwire.stream.error"
 def wants_sse(context: grpc.aio.ServicerContext) -> bool:
     """Whether the caller is the SSE edge, which wants the stream sentinels."""
     return dict(context.invocation_metadata() or ()).get(SSE_METADATA_KEY) == "1"
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so that its handler answers INVALID_ARGUMENT with the
+    usual details and OpenAI body (gRPC itself would answer UNKNOWN, which the edge cannot shape)."""
+
+    def __init__(self, error: Exception) -> None:
+        text = str(error)
+        if "Depth" in text:
+            self.reason = "it nests messages or JSON values more than 100 levels deep"
+        elif "UTF-8" in text:
+            self.reason = "a string field is not valid UTF-8"
+        else:
+            self.reason = "its bytes are not a valid message of this method's request type"
+
+    def error(self) -> InvalidRequestError:
+        return InvalidRequestError(f"The request could not be decoded: {self.reason}.", code="invalid_request")
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return Undecodable(exc)
+
+    return parse
+
+
+def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer` as the generated `add_..._to_server` does, with request decoding that never fails the
+    RPC by itself: an undecodable request reaches its handler as `Undecodable`."""
+    captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass  # rebuilt below from the registered handlers
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            captured[service] = handlers
+
+    add_to_server(servicer, Capture())
+    for service, handlers in captured.items():
+        lenient = {
+            name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+            for name, handler in handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        server.add_registered_method_handlers(service, lenient)
 
 
 Response = TypeVar("Response")
@@ -109,6 +158,8 @@ def unary_errors(
     async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> Response:
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 record["key"], headers = self.admit(context, request)
                 response = await handler(self, request, context)
                 # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
@@ -134,6 +185,8 @@ def stream_errors(
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             started = False
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 record["key"], headers = self.admit(context, request)
                 async for response in handler(self, request, context):
                     if headers:  # with the first chunk (see the unary wrapper)

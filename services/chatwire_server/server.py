@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
-from chatwire_server import logs, metrics
+from chatwire_server import logs, metrics, rpc
 from chatwire_server.auth import Authenticator
 from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
@@ -27,6 +27,13 @@ SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "models.toml"
 # How long in-flight requests may finish after SIGTERM before they are cancelled.
 SHUTDOWN_GRACE_S = 10.0
+# Above what the edge lets through (4 MiB bodies, 32 KiB of headers), so whatever Envoy accepts decodes here and
+# a request too large is refused by the edge with 413/431, never reset by gRPC in between.
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_metadata_size", 64 * 1024),
+    ("grpc.absolute_max_metadata_size", 64 * 1024),
+]
 
 
 async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0.1", metrics_port: int = 9464) -> None:
@@ -42,12 +49,14 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         metrics.watch_engine(entry.id, entry.engine.stats)
     bound_metrics = metrics.serve(metrics_host, metrics_port)
     log.info("metrics", extra={"url": f"http://{metrics_host}:{bound_metrics}/metrics"})
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     limiter = RateLimiter(
         requests_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_RPM", "0")),
         tokens_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_TPM", "0")),
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(registry, authenticator, limiter), server)
+    rpc.add_servicer(
+        chat_service_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(registry, authenticator, limiter), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)

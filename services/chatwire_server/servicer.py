@@ -3,6 +3,7 @@ limits, logs, metrics, error mapping) is in `rpc`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -54,7 +55,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateChatCompletionResponse:
-        chat = convert.chat_request_from_proto(request)
+        chat = await _validated(request)
         texts: list[list[str]] = [[] for _ in range(chat.n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(chat.n)]
         finished: list[Finished] = []
@@ -88,7 +89,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
-        chat = convert.chat_request_from_proto(request)
+        chat = await _validated(request)
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
@@ -172,6 +173,12 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:
         return convert.model_to_proto(self._registry.get(request.model))
+
+
+async def _validated(request: pb.CreateChatCompletionRequest) -> ChatRequest:
+    """The request checked and converted off the event loop: a large one (many messages, a big schema to
+    compile) must not hold up the streams of everyone else."""
+    return await asyncio.to_thread(convert.chat_request_from_proto, request)
 
 
 def _completion_id() -> str:

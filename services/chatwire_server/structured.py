@@ -25,7 +25,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from chatwire_server.domain import Constraint
-from chatwire_server.errors import InvalidRequestError
+from chatwire_server.errors import InvalidRequestError, quote
 
 # Keywords the grammar enforces, and annotations that constrain nothing.
 ENFORCED_KEYWORDS = frozenset(
@@ -85,43 +85,144 @@ class Tool:
     parameters: dict[str, Any]
 
 
-def check_schema(schema: Any, param: str, path: str = "") -> None:
-    """Refuse a schema any part of which the grammar could not enforce."""
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise InvalidRequestError(f"Invalid schema at '{path or '/'}': expected an object.", param=param)
-    for key, value in schema.items():
-        if key in ANNOTATIONS:
-            continue
-        if key not in ENFORCED_KEYWORDS:
-            raise InvalidRequestError(
-                f"The JSON Schema keyword '{key}' at '{path or '/'}' cannot be enforced by this server; "
-                "remove it or express the constraint with supported keywords.",
-                param=param,
-                code="unsupported_schema",
+# Limits on the work one schema can cause (grammar size and compile time), OpenAI's own for strict schemas
+# (platform.openai.com/docs/guides/structured-outputs, "Supported schemas"), plus bounds OpenAI leaves implicit.
+MAX_SCHEMA_PROPERTIES = 5000  # object properties in all, OpenAI's limit
+MAX_ENUM_VALUES = 1000  # enum values across the schema, OpenAI's limit
+MAX_SCHEMA_STRING_CHARS = 120_000  # property and definition names, enum and const values, OpenAI's limit
+MAX_SCHEMA_DEPTH = 12  # nested subschemas: OpenAI allows 10 levels of nesting; `items` and `anyOf` count here too
+MAX_SCHEMA_NODES = 10_000  # subschemas in all: every anyOf branch is a grammar alternative
+MAX_PATTERN_CHARS = 1000  # one `pattern`
+MAX_REPETITION = 1000  # a regex count `{m,n}`; a larger one is a grammar of that many states
+_COUNTED_REPETITION = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
+_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Refuse a schema that is not one, that any part of the grammar could not enforce, or that exceeds the
+    limits above: a 400 naming the keyword and its path."""
+    _SchemaCheck(param).walk(schema, "", 0)
+
+
+class _SchemaCheck:
+    """One walk over a schema, counting what the limits bound."""
+
+    def __init__(self, param: str) -> None:
+        self.param = param
+        self.properties = self.enum_values = self.string_chars = self.nodes = 0
+
+    def fail(self, message: str, code: str = "invalid_value") -> InvalidRequestError:
+        return InvalidRequestError(message, param=self.param, code=code)
+
+    def count(self, what: str, limit: int, name: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+        if getattr(self, what) > limit:
+            raise self.fail(f"The schema has more {name} than the {limit} allowed.", code="schema_too_large")
+
+    def chars(self, value: Any) -> None:
+        self.string_chars += len(value) if isinstance(value, str) else len(json.dumps(value))
+        if self.string_chars > MAX_SCHEMA_STRING_CHARS:
+            raise self.fail(
+                f"The schema's names, enum and const values exceed {MAX_SCHEMA_STRING_CHARS} characters in all.",
+                code="schema_too_large",
             )
-        if key == "format" and value not in ENFORCED_FORMATS:
-            raise InvalidRequestError(
-                f"The string format '{value}' at '{path or '/'}' cannot be enforced by this server "
-                f"(supported: {', '.join(sorted(ENFORCED_FORMATS))}).",
-                param=param,
-                code="unsupported_schema",
+
+    def walk(self, schema: Any, path: str, depth: int) -> None:
+        where = path or "/"
+        if isinstance(schema, bool):
+            return
+        if not isinstance(schema, dict):
+            raise self.fail(f"Invalid schema at '{where}': expected an object.")
+        self.count("nodes", MAX_SCHEMA_NODES, "subschemas")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise self.fail(
+                f"The schema nests deeper than {MAX_SCHEMA_DEPTH} levels at '{where}'.", code="schema_too_large"
             )
-        if key == "$ref" and not (value == "#" or str(value).startswith("#/")):
-            raise InvalidRequestError(
-                f"Only local references ('#/...') are supported; got '{value}' at '{path or '/'}'.",
-                param=param,
-                code="unsupported_schema",
+        for key, value in schema.items():
+            if key in ANNOTATIONS:
+                continue
+            if key not in ENFORCED_KEYWORDS:
+                raise self.fail(
+                    f"The JSON Schema keyword '{quote(key)}' at '{where}' cannot be enforced by this server; "
+                    "remove it or express the constraint with supported keywords.",
+                    code="unsupported_schema",
+                )
+            self.keyword(key, value, path, depth)
+
+    def keyword(self, key: str, value: Any, path: str, depth: int) -> None:
+        where = f"{path}/{key}"
+
+        def expect(ok: bool, what: str) -> None:
+            if not ok:
+                raise self.fail(f"Invalid schema at '{where}': expected {what}.")
+
+        if key == "type":
+            names = value if isinstance(value, list) else [value]
+            expect(
+                bool(names) and all(isinstance(t, str) and t in _TYPES for t in names),
+                "a JSON type name or a list of them",
             )
-        if key in _SCHEMA_MAPS:
+        elif key in _SCHEMA_MAPS:
+            expect(isinstance(value, dict), "an object of schemas")
             for name, sub in value.items():
-                check_schema(sub, param, f"{path}/{key}/{name}")
-        elif key in ("items", "additionalProperties") and isinstance(value, dict | bool):
-            check_schema(value, param, f"{path}/{key}")
-        elif key in (*_SCHEMA_LISTS, "items"):
+                if key == "properties":
+                    self.count("properties", MAX_SCHEMA_PROPERTIES, "object properties")
+                self.chars(name)
+                self.walk(sub, f"{where}/{name}", depth + 1)
+        elif key in _SCHEMA_LISTS:
+            expect(isinstance(value, list) and (bool(value) or key == "prefixItems"), "a non-empty array of schemas")
             for i, sub in enumerate(value):
-                check_schema(sub, param, f"{path}/{key}/{i}")
+                self.walk(sub, f"{where}/{i}", depth + 1)
+        elif key == "items" and isinstance(value, list):  # draft 4's tuple form
+            for i, sub in enumerate(value):
+                self.walk(sub, f"{where}/{i}", depth + 1)
+        elif key in ("items", "additionalProperties"):
+            expect(isinstance(value, dict | bool), "a schema or a boolean")
+            self.walk(value, where, depth + 1)
+        elif key == "required":
+            expect(isinstance(value, list) and all(isinstance(v, str) for v in value), "an array of property names")
+        elif key == "enum":
+            expect(isinstance(value, list), "an array")
+            for item in value:
+                self.count("enum_values", MAX_ENUM_VALUES, "enum values")
+                self.chars(item)
+        elif key == "const":
+            self.chars(value)
+        elif key in _COUNTS:
+            expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a non-negative integer")
+        elif key in _NUMBERS:
+            expect(isinstance(value, int | float) and not isinstance(value, bool), "a number")
+            expect(key != "multipleOf" or value > 0, "a number greater than 0")
+        elif key == "pattern":
+            expect(
+                isinstance(value, str) and len(value) <= MAX_PATTERN_CHARS,
+                f"a regex of at most {MAX_PATTERN_CHARS} characters",
+            )
+            self.pattern(value, where)
+        elif key == "format":
+            if value not in ENFORCED_FORMATS:
+                raise self.fail(
+                    f"The string format '{quote(value)}' at '{path or '/'}' cannot be enforced by this server "
+                    f"(supported: {', '.join(sorted(ENFORCED_FORMATS))}).",
+                    code="unsupported_schema",
+                )
+        elif key == "$ref":
+            if not isinstance(value, str) or not (value == "#" or value.startswith("#/")):
+                raise self.fail(
+                    f"Only local references ('#/...') are supported; got '{quote(value)}' at '{path or '/'}'.",
+                    code="unsupported_schema",
+                )
+
+    def pattern(self, pattern: str, where: str) -> None:
+        for match in _COUNTED_REPETITION.finditer(pattern):
+            counts = [int(c) for c in match.groups() if c]
+            if max(counts) > MAX_REPETITION:
+                raise self.fail(
+                    f"The pattern at '{where}' repeats up to {max(counts)} times; at most {MAX_REPETITION} is allowed.",
+                    code="schema_too_large",
+                )
 
 
 def _closed(schema: Any) -> Any:

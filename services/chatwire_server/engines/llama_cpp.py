@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import re
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,9 @@ class LlamaCppEngine:
         self._max_context = min(settings.max_context or train_ctx, self._cell_capacity())
 
         self._pieces: dict[int, bytes] = {}
+        self._prompt_splitter = self._special_token_splitter()
+        # No token stands for more bytes than this: a prompt longer than the context times it cannot fit.
+        self._max_token_bytes = max(len(self._piece(t, special=True)) for t in range(self.n_vocab))
         # Constrained decoding: llguidance's view of the vocabulary (every end-of-generation token ends a
         # grammar), and the token mask the scheduler fills before sampling a constrained sequence.
         eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
@@ -189,6 +193,10 @@ class LlamaCppEngine:
         self._prefilling: list[_Job] = []
         self._running: list[_Sequence] = []
         self._free_seq_ids = list(range(settings.max_sequences))
+        # Sequence ids held by requests in flight (cached prefixes aside): admission reads it from other threads.
+        self._held_sequences = 0
+        # Steps decoded so far: the worker's watchdog reads it to tell a busy engine from a wedged one.
+        self._steps = 0
         # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> tokens, oldest first.
         self._prefix_cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -217,13 +225,49 @@ class LlamaCppEngine:
             "queued_requests": len(self._queue),
             "running_sequences": len(self._running) + len(self._prefilling),
             "cached_prefixes": len(self._prefix_cache),
+            "steps": self._steps,
         }
 
     def tokenize_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Render the conversation with the model's chat template and tokenize it."""
+        """Render the conversation with the model's chat template and tokenize it. Off the event loop: a long
+        conversation takes a while. A prompt whose bytes alone rule out fitting the context is refused before
+        tokenizing."""
+        rendered = self.render_prompt(messages)
+        size = len(rendered.prompt.encode("utf-8"))
+        if size > self._max_context * self._max_token_bytes:
+            least = size // self._max_token_bytes
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self._max_context} tokens. However, your messages "
+                f"are at least {least} tokens long. Please reduce the length of the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        # llama.cpp's special-token pass is quadratic in their number (50,000 messages took minutes); in pieces
+        # that each start at a special token it is linear, and the tokens are the same (checked in the tests).
+        pieces = self._prompt_splitter.split(rendered.prompt) if self._prompt_splitter else [rendered.prompt]
+        tokens: list[int] = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                tokens += self.tokenize(piece, add_special=i == 0 and not rendered.added_special)
+        return tokens
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> Any:
+        """The conversation rendered by the model's chat template (`.prompt`, `.added_special`)."""
         # The formatter's type hints name OpenAI's TypedDicts; plain dicts are what it reads.
-        rendered = self._formatter(messages=cast(Any, [_template_message(m) for m in messages]))
-        return self.tokenize(rendered.prompt, add_special=not rendered.added_special)
+        return self._formatter(messages=cast(Any, [_template_message(m) for m in messages]))
+
+    def _special_token_splitter(self) -> re.Pattern[str] | None:
+        """Splits text just before each special token (one that eats the whitespace before it aside)."""
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = set()
+        for token in range(self.n_vocab):
+            attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+            if attr & control and not attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+                if text := self._piece(token, special=True).decode("utf-8", errors="ignore"):
+                    texts.add(text)
+        if not texts:
+            return None
+        return re.compile("(?=" + "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)) + ")")
 
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         """Tokens of `text`, special tokens parsed (thread-safe: the vocabulary is read-only)."""
@@ -245,7 +289,7 @@ class LlamaCppEngine:
                     param=f"logit_bias.{token}",
                     code="invalid_value",
                 )
-        prompt = self.tokenize_prompt(request.messages)
+        prompt = await asyncio.to_thread(self.tokenize_prompt, request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         if request.n * budget > self._settings.max_completion_budget:
             raise InvalidRequestError(
@@ -296,17 +340,24 @@ class LlamaCppEngine:
         with self._lock:
             if self._closing:
                 raise ServiceUnavailableError("The engine is shutting down.")
-            if len(self._queue) >= self._settings.max_queued_requests:
-                raise RateLimitError(
-                    "The server is at capacity: too many requests are waiting. Retry shortly.",
-                    code="rate_limit_exceeded",
-                    metadata=[("retry-after", "1")],
-                )
             if job.n > self._settings.max_sequences:
                 raise InvalidRequestError(
                     f"This server decodes at most {self._settings.max_sequences} sequences at once; 'n' is {job.n}.",
                     param="n",
                     code="invalid_value",
+                )
+            # Requests that free sequences can take at the next step are not waiting: only those beyond them
+            # count against the queue, so a burst fills every decode slot before anyone gets a 429.
+            free = self._settings.max_sequences - self._held_sequences
+            waiting = 0
+            for queued in (*self._queue, job):
+                free -= queued.n
+                waiting += free < 0
+            if waiting > self._settings.max_queued_requests:
+                raise RateLimitError(
+                    "The server is at capacity: too many requests are waiting. Retry shortly.",
+                    code="rate_limit_exceeded",
+                    metadata=[("retry-after", "1")],
                 )
             self._queue.append(job)
             self._lock.notify()
@@ -361,6 +412,7 @@ class LlamaCppEngine:
         return list(jobs.values())
 
     def _step(self) -> None:
+        self._steps += 1
         self._drop_cancelled()
         self._admit()
         rows: list[tuple[_Sequence | _Job, int]] = []  # which sequence or finished prefill each logits row serves
@@ -496,6 +548,7 @@ class LlamaCppEngine:
             if not self._free_seq_ids:
                 self._evict_oldest_prefix()
             job.seq_ids.append(self._free_seq_ids.pop())
+        self._held_sequences += job.n
 
     def _follow(self, job: _Job) -> bool:
         """Whether a job waiting for its leader may prefill now: once the leader's cells hold the shared
@@ -616,6 +669,7 @@ class LlamaCppEngine:
         llama_cpp.llama_sampler_free(seq.sampler)
         seq.done = True
         job.seq_ids.remove(seq.seq_id)
+        self._held_sequences -= 1
         if seq.index == 0:
             # Prompt + reply stay cached for the next turn of the conversation (the last sampled token
             # was never decoded, so it has no cell).
@@ -642,6 +696,7 @@ class LlamaCppEngine:
         for seq_id in job.seq_ids:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_seq_ids.append(seq_id)
+        self._held_sequences -= len(job.seq_ids)
         job.seq_ids.clear()
 
     # --- sampling helpers ---------------------------------------------------------------------------

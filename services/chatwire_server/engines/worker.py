@@ -45,6 +45,11 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How long a metrics scrape waits for the worker's scheduler state.
 STATS_TIMEOUT_S = 1.0
 _IDLE_STATS = {"queued_requests": 0, "running_sequences": 0, "cached_prefixes": 0}
+# A worker that has requests in flight but decodes no step (or does not answer) for this long is wedged: it is
+# killed and restarted, its requests ending with `engine_failed`, rather than hanging every request for good. A
+# step takes well under a second; the bound leaves room for a machine shared with busy neighbours.
+STALL_TIMEOUT_S = float(os.environ.get("CHATWIRE_ENGINE_STALL_TIMEOUT_S", "60"))
+WATCH_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -78,6 +83,7 @@ class WorkerEngine:
         self._start_worker()  # fails the server's start-up if the model cannot load
         self._reader = threading.Thread(target=self._read_forever, name=f"worker-reader-{model}", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._watch_forever, name=f"worker-watchdog-{model}", daemon=True).start()
 
     def stats(self) -> dict[str, int]:
         """The worker's scheduler state, asked for at scrape time (idle figures while it restarts)."""
@@ -189,6 +195,36 @@ class WorkerEngine:
             self._worker_died()
             if not self._restart():
                 return
+
+    def _watch_forever(self) -> None:
+        """Kill a worker that makes no progress while requests wait on it; the reader then restarts it."""
+        steps, progress_at = None, time.monotonic()
+        while not self._closing:
+            time.sleep(WATCH_INTERVAL_S)
+            process = self._process
+            if not self._pending or self._conn is None or process is None:
+                steps, progress_at = None, time.monotonic()
+                continue
+            with self._stats_lock:
+                self._stats_ready.clear()
+                with contextlib.suppress(ServiceUnavailableError):
+                    self._send(("stats",))
+                answered = self._stats_ready.wait(STATS_TIMEOUT_S)
+                # An engine that counts no steps (the scripted one) is judged by its answering alone.
+                now_steps = self._stats.get("steps", time.monotonic()) if answered else None
+            if now_steps is not None and now_steps != steps:
+                steps, progress_at = now_steps, time.monotonic()
+            elif time.monotonic() - progress_at > STALL_TIMEOUT_S and process is self._process:
+                log.error(
+                    "engine worker made no progress; killing it to restart it",
+                    extra={
+                        "model": self._model,
+                        "pid": process.pid,
+                        "stalled_s": round(time.monotonic() - progress_at),
+                    },
+                )
+                process.kill()
+                steps, progress_at = None, time.monotonic()
 
     def _dispatch(self, batch: list[tuple[Any, ...]]) -> None:
         for message in batch:
