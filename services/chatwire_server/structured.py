@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import LLMatcher
+from llguidance import LLMatcher, LLParserLimits
 
 from chatwire_server.domain import Constraint
 from chatwire_server.errors import InvalidRequestError, quote
@@ -94,6 +94,11 @@ MAX_SCHEMA_DEPTH = 12  # nested subschemas: OpenAI allows 10 levels of nesting; 
 MAX_SCHEMA_NODES = 10_000  # subschemas in all: every anyOf branch is a grammar alternative
 MAX_PATTERN_CHARS = 1000  # one `pattern`
 MAX_REPETITION = 1000  # a regex count `{m,n}`; a larger one is a grammar of that many states
+# llguidance's own bounds on a grammar's work, set here rather than left to defaults: lexer states cost 1-2 kB
+# each (its default, 250,000, would let one request take 500 MB), and the fuel of one token's mask computation
+# is what a constrained choice can add to every decode step (100,000 is about 7 ms; real schemas use a
+# fraction of a millisecond). A matcher that runs out fails its own request alone. Errors stay short.
+GRAMMAR_LIMITS = LLParserLimits(max_lexer_states=50_000, step_lexer_fuel=100_000, verbose_errors=False)
 _COUNTED_REPETITION = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 _COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
@@ -251,7 +256,7 @@ def _compiled(schema: Any, param: str) -> dict[str, Any]:
 
 
 def _validated(grammar: str, param: str) -> Constraint:
-    error = LLMatcher.validate_grammar(grammar)
+    error = LLMatcher.validate_grammar(grammar, limits=GRAMMAR_LIMITS)
     if error:
         raise InvalidRequestError(f"The schema cannot be enforced: {error}", param=param, code="unsupported_schema")
     return Constraint(grammar, param)

@@ -43,6 +43,7 @@ from chatwire_server.domain import (
     TokenLogprob,
 )
 from chatwire_server.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
+from chatwire_server.structured import GRAMMAR_LIMITS
 from chatwire_server.text import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,9 @@ class LlamaCppEngine:
 
     async def _matcher(self, constraint: Constraint) -> LLMatcher:
         """The grammar's matcher, built off the event loop (a large schema takes a while)."""
-        matcher = await asyncio.to_thread(LLMatcher, self._grammar_tokenizer, constraint.grammar, log_level=0)
+        matcher = await asyncio.to_thread(
+            LLMatcher, self._grammar_tokenizer, constraint.grammar, log_level=0, limits=GRAMMAR_LIMITS
+        )
         if matcher.is_error():
             raise InvalidRequestError(
                 f"The schema cannot be enforced: {matcher.get_error()}",
