@@ -1,7 +1,8 @@
 """Starts the whole stack (gRPC server + Envoy edge) for `make run` and for the tests.
 
 `python -m chatwire_server.stack` serves the default model until Ctrl-C, on the ports named by
-CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901).
+CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901). It supervises both
+processes: one that exits is started again (with back-off), while the other keeps running.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -27,6 +29,11 @@ ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
 DESCRIPTOR = REPO / "build" / "chatwire.pb"
 DEFAULT_CONFIG = REPO / "config" / "models.toml"
 STARTUP_TIMEOUT_S = 60.0
+# `make run` restarts a process of the stack that exits: first after RESTART_DELAY_S, doubling up to
+# RESTART_DELAY_MAX_S while it keeps dying; a process that ran STABLE_AFTER_S restarts after the first delay again.
+RESTART_DELAY_S = 0.5
+RESTART_DELAY_MAX_S = 30.0
+STABLE_AFTER_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -169,8 +176,51 @@ def _fail_if_exited(process: subprocess.Popen[bytes], name: str) -> None:
         raise RuntimeError(f"{name} exited with code {process.returncode} during start-up; see its log")
 
 
+class Supervised:
+    """A process of the stack that is started again, with back-off, whenever it exits."""
+
+    def __init__(self, name: str, start: Callable[[], subprocess.Popen[bytes]], process: subprocess.Popen[bytes]):
+        self.name = name
+        self.process = process
+        self._start = start
+        self._started = time.monotonic()
+        self._delay = RESTART_DELAY_S
+        self._restart_at: float | None = None
+
+    def check(self) -> None:
+        """Notice an exit (and schedule the restart), or restart when its time has come."""
+        now = time.monotonic()
+        if self._restart_at is None:
+            code = self.process.poll()
+            if code is None:
+                return
+            if now - self._started >= STABLE_AFTER_S:
+                self._delay = RESTART_DELAY_S
+            _say(f"{self.name} (pid {self.process.pid}) {_exit_status(code)}; restarting it in {self._delay:g}s")
+            self._restart_at = now + self._delay
+            self._delay = min(self._delay * 2, RESTART_DELAY_MAX_S)
+        elif now >= self._restart_at:
+            self._restart_at = None
+            self.process = self._start()
+            self._started = now
+            _say(f"{self.name} restarted (pid {self.process.pid})")
+
+
+def _exit_status(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _say(message: str) -> None:
+    print(f"[chatwire.stack] {message}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
-    """`make run`: the server and Envoy in the foreground until Ctrl-C or SIGTERM."""
+    """`make run`: the server and Envoy in the foreground until Ctrl-C or SIGTERM, each restarted if it dies."""
     ports = Ports(
         http=int(os.environ.get("CHATWIRE_HTTP_PORT", "8080")),
         grpc=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")),
@@ -179,18 +229,30 @@ def main() -> None:
     )
     run_dir = REPO / "build" / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    envoy_config = run_dir / "envoy.yaml"
+    # One file per stack: a restarted Envoy must read its own ports, even with another stack running.
+    envoy_config = run_dir / f"envoy-{ports.http}.yaml"
     envoy_config.write_text(render_envoy_config(ports))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Ctrl-C stops the stack even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     auth_on = bool(os.environ.get("CHATWIRE_API_KEYS") or os.environ.get("CHATWIRE_API_KEYS_FILE"))
+
     # Children log straight to this terminal.
-    server = start_server(ports.grpc, sys.stdout.buffer, metrics_port=ports.metrics)
-    envoy = None
+    def new_server() -> subprocess.Popen[bytes]:
+        return start_server(ports.grpc, sys.stdout.buffer, metrics_port=ports.metrics)
+
+    def new_envoy() -> subprocess.Popen[bytes]:
+        return start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)
+
+    children: list[Supervised] = []
     try:
+        # A process that fails to start the first time (a bad config, a port in use) stops the stack: starting
+        # it again would fail the same way.
+        server = new_server()
+        children.append(Supervised("chatwire server", new_server, server))
         wait_for_server(ports.grpc, server)
-        envoy = start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)
+        envoy = new_envoy()
+        children.append(Supervised("envoy", new_envoy, envoy))
         wait_for_envoy(ports.admin, envoy)
         print(
             f"\nchatwire is up:\n"
@@ -204,15 +266,18 @@ def main() -> None:
             "Ctrl-C stops both.\n",
             flush=True,
         )
-        while server.poll() is None and envoy.poll() is None:
-            time.sleep(0.5)
-        sys.exit("a process of the stack exited; see the log above")
+        # From here on a process that dies is restarted; meanwhile Envoy answers 503 for a missing server
+        # (OpenAI-shaped), and the server keeps its models loaded while Envoy comes back.
+        while True:
+            for child in children:
+                child.check()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        for process in (envoy, server):
-            if process is not None:
-                stop(process)
+        for child in reversed(children):
+            stop(child.process)
+        envoy_config.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
