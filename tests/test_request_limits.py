@@ -65,8 +65,24 @@ REFUSED: dict[str, tuple[dict[str, Any], str | None, str]] = {
     "enum of 100,000": (with_schema({"enum": [f"v{i}" for i in range(100_000)]}), SCHEMA_PARAM, "schema_too_large"),
     "a{1,100000}": (with_schema({"type": "string", "pattern": "^a{1,100000}$"}), SCHEMA_PARAM, "schema_too_large"),
     "13 levels deep": (with_schema(nested(13)), SCHEMA_PARAM, "schema_too_large"),
+    "501 optional properties": (
+        with_schema({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(501)}}),
+        SCHEMA_PARAM,
+        "schema_too_large",
+    ),
+    "integer bound beyond 64 bits": (
+        with_schema({"type": "integer", "minimum": 2**70}),
+        SCHEMA_PARAM,
+        "unsupported_schema",
+    ),
     "too many properties": (
-        with_schema({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5001)}}),
+        with_schema(
+            {
+                "type": "object",
+                "properties": {f"p{i}": {"type": "integer"} for i in range(5001)},
+                "required": [f"p{i}" for i in range(5001)],
+            }
+        ),
         SCHEMA_PARAM,
         "schema_too_large",
     ),
@@ -125,7 +141,10 @@ def test_schemas_at_the_limits_are_accepted() -> None:
     structured.check_schema(nested(12), SCHEMA_PARAM)
     structured.check_schema({"enum": [f"v{i}" for i in range(1000)]}, SCHEMA_PARAM)
     structured.check_schema({"type": "string", "pattern": "^((a{1,100}){1,100}){1,100}$"}, SCHEMA_PARAM)
-    structured.check_schema({"type": "object", "properties": {f"p{i}": {} for i in range(5000)}}, SCHEMA_PARAM)
+    names = [f"p{i}" for i in range(5000)]
+    all_required = {"type": "object", "properties": {key: {} for key in names}, "required": names}
+    structured.check_schema(all_required, SCHEMA_PARAM)
+    structured.check_schema({"type": "object", "properties": {key: {} for key in names[:500]}}, SCHEMA_PARAM)
 
 
 def error_of(reply: httpx.Response, status: int) -> dict[str, Any]:

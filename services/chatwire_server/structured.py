@@ -88,6 +88,9 @@ class Tool:
 # Limits on the work one schema can cause (grammar size and compile time), OpenAI's own for strict schemas
 # (platform.openai.com/docs/guides/structured-outputs, "Supported schemas"), plus bounds OpenAI leaves implicit.
 MAX_SCHEMA_PROPERTIES = 5000  # object properties in all, OpenAI's limit
+# Optional properties of one object: llguidance's parser holds about 4 items per optional key in one row of at
+# most 2,000 (`max_items_in_row`); beyond, the reply fails after its first token. Required keys are not limited.
+MAX_OPTIONAL_PROPERTIES = 500
 MAX_ENUM_VALUES = 1000  # enum values across the schema, OpenAI's limit
 MAX_SCHEMA_STRING_CHARS = 120_000  # property and definition names, enum and const values, OpenAI's limit
 MAX_SCHEMA_DEPTH = 12  # nested subschemas: OpenAI allows 10 levels of nesting; `items` and `anyOf` count here too
@@ -154,15 +157,25 @@ class _SchemaCheck:
                     "remove it or express the constraint with supported keywords.",
                     code="unsupported_schema",
                 )
-            self.keyword(key, value, path, depth)
+            self.keyword(schema, key, value, path, depth)
 
-    def keyword(self, key: str, value: Any, path: str, depth: int) -> None:
+    def keyword(self, schema: dict[str, Any], key: str, value: Any, path: str, depth: int) -> None:
         where = f"{path}/{key}"
 
         def expect(ok: bool, what: str) -> None:
             if not ok:
                 raise self.fail(f"Invalid schema at '{where}': expected {what}.")
 
+        if key == "properties" and isinstance(value, dict):
+            required = schema.get("required")
+            named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+            optional = len(set(value) - named)
+            if optional > MAX_OPTIONAL_PROPERTIES:
+                raise self.fail(
+                    f"The object at '{path or '/'}' has {optional} optional properties; at most "
+                    f"{MAX_OPTIONAL_PROPERTIES} are allowed (list more of them in 'required').",
+                    code="schema_too_large",
+                )
         if key == "type":
             names = value if isinstance(value, list) else [value]
             expect(
@@ -255,6 +268,16 @@ def _compiled(schema: Any, param: str) -> dict[str, Any]:
     return {**_closed(schema), "x-guidance": _JSON_LAYOUT}
 
 
+def _grammar(build: Any, source: Any, param: str) -> str:
+    """llguidance's grammar from a schema or Lark text; what it cannot take (an integer beyond 64 bits) is a 400."""
+    try:
+        return str(build(source))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(
+            f"The schema cannot be enforced: {exc}", param=param, code="unsupported_schema"
+        ) from None
+
+
 def _validated(grammar: str, param: str) -> Constraint:
     error = LLMatcher.validate_grammar(grammar, limits=GRAMMAR_LIMITS)
     if error:
@@ -265,7 +288,7 @@ def _validated(grammar: str, param: str) -> Constraint:
 def json_constraint(schema: dict[str, Any] | None, param: str) -> Constraint:
     """Replies are JSON text valid against `schema`; no schema means any JSON object."""
     schema = {"type": "object"} if schema is None else schema
-    return _validated(LLMatcher.grammar_from_json_schema(_compiled(schema, param)), param)
+    return _validated(_grammar(LLMatcher.grammar_from_json_schema, _compiled(schema, param), param), param)
 
 
 def tool_call_constraint(tools: list[Tool], choice: str, *, parallel: bool) -> Constraint:
@@ -277,7 +300,7 @@ def tool_call_constraint(tools: list[Tool], choice: str, *, parallel: bool) -> C
         if choice in ("auto", "required", tool.name):
             param = f"tools[{i}].function.parameters"
             arguments = _compiled(tool.parameters, param)
-            _validated(LLMatcher.grammar_from_json_schema(arguments), param)  # names the tool that fails
+            _validated(_grammar(LLMatcher.grammar_from_json_schema, arguments, param), param)  # names the tool
             calls.append(f'{_lark_literal(_CALL_HEAD + tool.name + _CALL_MID)} %json {json.dumps(arguments)} "}}"')
     open_tag, close_tag = _lark_literal(TOOL_CALL_OPEN), _lark_literal(TOOL_CALL_CLOSE)
     more = r' ("\n" call)*' if parallel and choice in ("auto", "required") else ""
@@ -287,7 +310,7 @@ def tool_call_constraint(tools: list[Tool], choice: str, *, parallel: bool) -> C
         rules += [r"TEXT: /(.|\n)*/", f"opened[lazy]: TEXT {open_tag}", f"start: TEXT | opened body {close_tag}{more}"]
     else:
         rules.append(f"start: call{more}")
-    return _validated(LLMatcher.grammar_from_lark("\n".join(rules)), "tools")
+    return _validated(_grammar(LLMatcher.grammar_from_lark, "\n".join(rules), "tools"), "tools")
 
 
 def _lark_literal(text: str) -> str:

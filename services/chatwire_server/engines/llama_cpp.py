@@ -432,7 +432,9 @@ class LlamaCppEngine:
             room = self._batch_capacity - n
         else:
             room = min(self._settings.prefill_chunk, self._batch_capacity - n)
-        for job in self._prefilling:
+        # Shortest remaining prompt first: a short request that arrives while a long prompt is evaluated gets its
+        # first token at the next step, instead of after the whole long prompt (thousands of tokens of tools).
+        for job in sorted(self._prefilling, key=lambda j: len(j.prompt) - j.prefill_pos):
             if room <= 0:
                 break
             if id(job) in waiting:
@@ -604,16 +606,11 @@ class LlamaCppEngine:
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row)
         elif (constrained := self._sample_constrained(seq, seq.matcher, row)) is not None:
             token = constrained
-        else:  # the request alone fails; the other requests in the batch go on
-            constraint = job.sampling.constraint
-            job.emit(
-                InvalidRequestError(
-                    f"The reply's grammar could not go on: {seq.matcher.get_error()}",
-                    param=constraint.param if constraint else None,
-                    code="unsupported_schema",
-                )
-            )
-            self._release(job)
+        else:
+            self._fail_constrained(seq)
+            return
+        if seq.matcher is not None and seq.matcher.is_error():  # the token took the grammar past a limit
+            self._fail_constrained(seq)
             return
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq, "stop", self._drain(seq))
@@ -641,8 +638,10 @@ class LlamaCppEngine:
         matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
         if matcher.is_error():  # the grammar hit one of llguidance's limits
             return None
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
         allowed = np.unpackbits(self._mask.view(np.uint8), count=self.n_vocab, bitorder="little").view(bool)
+        if not allowed.any():  # no token can go on: the schema cannot be satisfied (e.g. infinitely recursive)
+            return None
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
         original = logits.copy()
         np.copyto(logits, -np.inf, where=~allowed)
         token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row))
@@ -650,6 +649,22 @@ class LlamaCppEngine:
         if not llama_cpp.llama_vocab_is_eog(self._vocab, token):
             matcher.consume_token(token)
         return token
+
+    def _fail_constrained(self, seq: _Sequence) -> None:
+        """The reply's grammar cannot go on: the request alone fails (an error event if its stream began); the
+        other requests in the batch go on. Never a reply cut short and called finished."""
+        job = seq.job
+        assert seq.matcher is not None
+        reason = seq.matcher.get_error() or "no token can continue the reply; the schema cannot be satisfied"
+        constraint = job.sampling.constraint
+        job.emit(
+            InvalidRequestError(
+                f"The reply's grammar could not go on: {reason.splitlines()[0]}",
+                param=constraint.param if constraint else None,
+                code="unsupported_schema",
+            )
+        )
+        self._release(job)
 
     def _drain(self, seq: _Sequence) -> str:
         """Text still held back when a reply ends: an unfinished UTF-8 sequence, a possible stop prefix."""
