@@ -31,7 +31,13 @@ export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
 # llama.cpp compiles from source on install; keep the build from starving a small machine.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: help setup run test lint proto bench clean
+# `make fuzz` and `make soak` (reliability/results/*.json, then RELIABILITY.md); override on the command line,
+# e.g. `make soak CHATWIRE_SOAK_SECONDS=30`.
+CHATWIRE_FUZZ_HTTP_CASES ?= 10000
+CHATWIRE_FUZZ_GRPC_CASES ?= 1000
+CHATWIRE_SOAK_SECONDS ?= 600
+
+.PHONY: help setup run test lint proto bench fuzz soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -39,20 +45,33 @@ help: ## List the targets
 run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.stack
 
-test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model)
+test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench
+	$(PY) -m ruff check services tests bench reliability
 	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench
-	$(PY) -m ruff format --check services tests bench
+	$(PY) -m ruff check services tests bench reliability
+	$(PY) -m ruff format --check services tests bench reliability
 	$(PY) -m mypy
 
 bench: setup $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling; writes BENCHMARKS.md
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
+
+fuzz: setup ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
+	mkdir -p reliability/results
+	CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES) \
+	  CHATWIRE_FUZZ_RANDOM=1 CHATWIRE_RELIABILITY_OUT=reliability/results/fuzz.json \
+	  CHATWIRE_RELIABILITY_COMMAND="make fuzz CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES)" \
+	  $(PY) -m pytest -m fuzz -p no:randomly; status=$$?; $(PY) reliability/report.py; exit $$status
+
+soak: setup ## 64 streams with client disconnects for 10 minutes: 0 errors, flat RSS; writes RELIABILITY.md
+	mkdir -p reliability/results
+	CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS) CHATWIRE_RELIABILITY_OUT=reliability/results/soak.json \
+	  CHATWIRE_RELIABILITY_COMMAND="make soak CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS)" \
+	  $(PY) -m pytest -m soak -p no:randomly; status=$$?; $(PY) reliability/report.py; exit $$status
 
 proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
 
