@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 
 import fuzzing as fz
+from chatwire_server import stack
 from conftest import Stack, run_stack
 
 pytestmark = pytest.mark.fuzz
@@ -71,10 +72,20 @@ class FuzzRun:
 
 
 @pytest.fixture(scope="module")
-def fuzz(request: pytest.FixtureRequest) -> Iterator[FuzzRun]:
-    """A stack of its own (so that an engine restart is this module's doing), watched for the whole module."""
+def fuzz(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzRun]:
+    """A stack of its own (so that an engine restart is this module's doing), watched for the whole module. Its
+    engine bounds what one request may generate (1,024 tokens of context, 1,024 completion tokens in all): a
+    mutated `max_tokens` or `n` asks for long replies that are legitimate work, not faults, and would take minutes
+    on 2 cores; every input path is the same as with the default settings."""
+    config = tmp_path_factory.mktemp("fuzz") / "models.toml"
+    config.write_text(
+        stack.DEFAULT_CONFIG.read_text()
+        .replace("# max_context = 8192", "max_context = 1024")
+        .replace("max_completion_budget = 65536", "max_completion_budget = 1024")
+    )
+    assert "\nmax_context = 1024" in config.read_text() and "max_completion_budget = 1024" in config.read_text()
     with (
-        run_stack(request) as running,
+        run_stack(request, config) as running,
         httpx.Client(timeout=fz.TIME_BOUND_S) as http,
         grpc.insecure_channel(running.grpc_target) as channel,
     ):
