@@ -76,8 +76,10 @@ def fuzz_section(results: dict[str, Any]) -> list[str]:
         "client-error code and an OpenAI-shaped `x-chatwire-error` trailer), a valid reply or stream ending in "
         "`data: [DONE]` for every 200 and a 200 only from a URL the edge serves, docs/design.md's structured-output "
         "guarantees (a JSON reply that ends with `stop` parses and matches its schema; `required` or a named tool "
-        f"calls a tool whose arguments match its parameters), all within {settings['time_bound_s']:.0f} s. "
-        "Requests that generate ask for at most 8 tokens and n ≤ 4.",
+        f"calls a tool whose arguments match its parameters), all within {settings['time_bound_s']:.0f} s "
+        "plus 5 ms per byte of request (time for a long prompt's prefill). Valid requests the strategies build ask "
+        "for at most 8 tokens and n ≤ 4; mutated ones may ask for anything, and the fuzz stack's engine bounds "
+        "what one request may generate (1,024 tokens of context, 1,024 completion tokens in all).",
         "",
         "| check | result |",
         "|---|---|",
@@ -214,7 +216,29 @@ def markdown(fuzz: dict[str, Any] | None, soak: dict[str, Any] | None) -> str:
         lines += soak_section(soak)
     else:
         lines += ["## Soak", "", "Not run yet: `make soak`.", ""]
+    lines += SERVER_FAULTS
     return "\n".join(lines)
+
+
+# Faults injected into the service's own processes: each is a test that `make test` runs on every change.
+SERVER_FAULTS = [
+    "## Faults in the service's processes (tested by `make test`)",
+    "",
+    "| fault | what clients see | test |",
+    "|---|---|---|",
+    "| engine worker SIGKILLed mid-stream | the stream ends with an `engine_failed` error event and `data: [DONE]`; "
+    "503 `engine_restarting` with `Retry-After` until the worker is back (seconds) | "
+    "tests/test_stream_errors.py::test_a_stream_cut_by_a_killed_engine_ends_with_an_error_event |",
+    "| engine worker frozen (SIGSTOP) mid-stream | the watchdog kills it after `CHATWIRE_ENGINE_STALL_TIMEOUT_S`; "
+    "then as above | tests/test_request_limits.py::test_a_wedged_engine_is_restarted_and_its_requests_fail_cleanly |",
+    "| gRPC server SIGKILLed under `make run` | 503 `service_unavailable` from the edge until the launcher has "
+    "restarted it | tests/test_edge_hardening.py::test_make_run_restarts_what_dies_and_stops_cleanly |",
+    "| Envoy SIGKILLed under `make run` | connection refused until the launcher has restarted it (about a second) | "
+    "tests/test_edge_hardening.py::test_make_run_restarts_what_dies_and_stops_cleanly |",
+    "| SIGTERM to the server | in-flight requests finish, new ones are refused, then it exits | "
+    "tests/test_lifecycle.py::test_sigterm_lets_a_running_stream_finish_then_exits |",
+    "",
+]
 
 
 def _load(path: Path) -> dict[str, Any] | None:
