@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,14 +120,15 @@ class _SchemaCheck:
 
     def __init__(self, param: str) -> None:
         self.param = param
-        self.properties = self.enum_values = self.string_chars = self.nodes = 0
+        self.counts: Counter[str] = Counter()  # properties, enum values, subschemas so far
+        self.string_chars = 0
 
     def fail(self, message: str, code: str = "invalid_value") -> InvalidRequestError:
         return InvalidRequestError(message, param=self.param, code=code)
 
     def count(self, what: str, limit: int, name: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-        if getattr(self, what) > limit:
+        self.counts[what] += 1
+        if self.counts[what] > limit:
             raise self.fail(f"The schema has more {name} than the {limit} allowed.", code="schema_too_large")
 
     def chars(self, value: Any) -> None:

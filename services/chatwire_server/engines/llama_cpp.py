@@ -502,7 +502,7 @@ class LlamaCppEngine:
                     return
                 job = self._queue[0]
                 in_flight = self._jobs_in_flight()
-                if sum(len(j.seq_ids) for j in in_flight) + job.n > self._settings.max_sequences:
+                if self._held_sequences + job.n > self._settings.max_sequences:
                     return
                 # Its prompt must fit beside the requests in flight (alone, it always fits: max_context).
                 if in_flight and self._live_cells(in_flight) + len(job.prompt) > self._cell_capacity():

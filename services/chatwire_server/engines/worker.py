@@ -86,15 +86,21 @@ class WorkerEngine:
         threading.Thread(target=self._watch_forever, name=f"worker-watchdog-{model}", daemon=True).start()
 
     def stats(self) -> dict[str, int]:
-        """The worker's scheduler state, asked for at scrape time (idle figures while it restarts)."""
+        """The worker's scheduler state, asked for at scrape time (the last figures if it does not answer in
+        time, idle ones while it restarts)."""
+        answer = self._ask_stats()
+        return answer if answer is not None else self._stats
+
+    def _ask_stats(self) -> dict[str, int] | None:
+        """The worker's scheduler state now, or None if it cannot be asked (restarting) or does not answer in
+        time. Shared by metrics scrapes and the watchdog."""
         with self._stats_lock:
             self._stats_ready.clear()
             try:
                 self._send(("stats",))
             except ServiceUnavailableError:
-                return dict(_IDLE_STATS)
-            self._stats_ready.wait(STATS_TIMEOUT_S)
-            return self._stats
+                return None
+            return self._stats if self._stats_ready.wait(STATS_TIMEOUT_S) else None
 
     async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         request_id = next(self._ids)
@@ -205,13 +211,9 @@ class WorkerEngine:
             if not self._pending or self._conn is None or process is None:
                 steps, progress_at = None, time.monotonic()
                 continue
-            with self._stats_lock:
-                self._stats_ready.clear()
-                with contextlib.suppress(ServiceUnavailableError):
-                    self._send(("stats",))
-                answered = self._stats_ready.wait(STATS_TIMEOUT_S)
-                # An engine that counts no steps (the scripted one) is judged by its answering alone.
-                now_steps = self._stats.get("steps", time.monotonic()) if answered else None
+            answer = self._ask_stats()
+            # An engine that counts no steps (the scripted one) is judged by its answering alone.
+            now_steps = answer.get("steps", time.monotonic()) if answer is not None else None
             if now_steps is not None and now_steps != steps:
                 steps, progress_at = now_steps, time.monotonic()
             elif time.monotonic() - progress_at > STALL_TIMEOUT_S and process is self._process:
