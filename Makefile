@@ -15,6 +15,28 @@ BUF := $(BUILD)/tools/node_modules/.bin/buf
 COMPOSE_SCHEMA := $(BUILD)/compose_spec.json
 NODE_TESTS := tests/node
 NODE_MODULES := $(NODE_TESTS)/node_modules/.package-lock.json
+# The proto bundle other repositories generate from: our protos plus every import that is not a well-known type.
+PROTO_BUNDLE := $(BUILD)/chatwire-proto
+THIRD_PARTY_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto \
+  google/rpc/status.proto google/rpc/error_details.proto google/rpc/code.proto
+THIRD_PARTY_FILES := $(addprefix $(THIRD_PARTY)/,$(THIRD_PARTY_PROTOS))
+# Polyglot clients (`make clients`), generated from the bundle by buf.gen.yaml. TypeScript: protobuf-es and
+# Connect's gRPC transport, pinned by clients/typescript/package-lock.json. Go: Debian's toolchain and libraries
+# in GOPATH mode (nothing from the Go proxy); protoc-gen-go is built from Debian's google.golang.org/protobuf.
+TS_CLIENT := clients/typescript
+TS_MODULES := $(TS_CLIENT)/node_modules/.package-lock.json
+TS_BUILT := $(TS_CLIENT)/dist/.built
+GO_DEBS := golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev \
+  golang-google-genproto-dev protoc-gen-go-grpc
+GO_TOOLCHAIN := $(BUILD)/tools/.go-debs
+PROTOC_GEN_GO := $(BUILD)/tools/bin/protoc-gen-go
+GO_GEN := $(BUILD)/gen/go
+GO_BIN := $(BUILD)/clients/go
+GENERATED_CLIENTS := $(BUILD)/gen/.clients
+# GOPATH mode: our generated code and client packages first, then Debian's /usr/share/gocode.
+export GOPATH := $(CURDIR)/$(GO_GEN):/usr/share/gocode
+export GO111MODULE := off
+export GOFLAGS :=
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 # llama.cpp is compiled for this CPU (-march=native) but without AMX: sandboxes and VMs that report AMX yet
 # grant no tile state kill the first matrix multiply with SIGILL. The engine's wheel is built once per machine
@@ -37,18 +59,19 @@ CHATWIRE_FUZZ_HTTP_CASES ?= 10000
 CHATWIRE_FUZZ_GRPC_CASES ?= 1000
 CHATWIRE_SOAK_SECONDS ?= 600
 
-.PHONY: help setup run test lint proto bench fuzz soak clean
+.PHONY: help setup run test lint proto clients bench fuzz soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-run: setup ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
+run: $(VENV)/.installed $(DESCRIPTOR) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.stack
 
 test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
 	$(PY) -m ruff check services tests bench reliability
 	$(PY) -m mypy
+	test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; exit 1; }
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
@@ -56,6 +79,7 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m ruff check services tests bench reliability
 	$(PY) -m ruff format --check services tests bench reliability
 	$(PY) -m mypy
+	test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; exit 1; }
 
 bench: setup $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling; writes BENCHMARKS.md
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
@@ -73,9 +97,11 @@ soak: setup ## 64 streams with client disconnects for 10 minutes: 0 errors, flat
 	  CHATWIRE_RELIABILITY_COMMAND="make soak CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS)" \
 	  $(PY) -m pytest -m soak -p no:randomly; status=$$?; $(PY) reliability/report.py; exit $$status
 
-proto: $(DESCRIPTOR) ## Generate Python stubs and Envoy's descriptor set from proto/
+proto: $(DESCRIPTOR) $(PROTO_BUNDLE).tar.gz ## Python stubs, Envoy's descriptor set and the proto bundle (build/chatwire-proto.tar.gz)
 
-setup: $(VENV)/.installed $(DESCRIPTOR)
+clients: $(TS_BUILT) $(GO_BIN)/chatwire-example $(GO_BIN)/chatwire-conformance ## Generate and build the TypeScript and Go clients
+
+setup: $(VENV)/.installed $(DESCRIPTOR) $(PROTO_BUNDLE).tar.gz clients
 
 clean: ## Remove generated code and the venv
 	rm -rf $(BUILD) $(VENV)
@@ -102,20 +128,59 @@ $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 $(LLAMA_SERVER): | $(VENV)/.installed
 	LLAMA_CPP_CFLAGS='$(LLAMA_CPP_CFLAGS)' bench/build_llama_server.sh $(LLAMA_CPP_VERSION) $(LLAMA_SERVER_PREFIX) $(PY)
 
-# google/api/*.proto ship inside googleapis-common-protos; copying them gives protoc and buf one root.
-$(THIRD_PARTY)/google/api/annotations.proto: $(VENV)/.installed
-	mkdir -p $(THIRD_PARTY)/google/api $(THIRD_PARTY)/google/rpc
+# google/api and google/rpc protos ship inside googleapis-common-protos; copying them gives protoc and buf one root.
+$(THIRD_PARTY_FILES) &: $(VENV)/.installed
 	sp=$$($(PY) -c 'import google.api.annotations_pb2 as a, os; print(os.path.dirname(os.path.dirname(a.__file__)))'); \
-	  cp $$sp/api/annotations.proto $$sp/api/http.proto $$sp/api/httpbody.proto $(THIRD_PARTY)/google/api/ && \
-	  cp $$sp/rpc/error_details.proto $(THIRD_PARTY)/google/rpc/
+	  for f in $(THIRD_PARTY_PROTOS); do install -D -m 644 $$sp/$${f#google/} $(THIRD_PARTY)/$$f || exit 1; done
 
-$(DESCRIPTOR): $(PROTOS) $(THIRD_PARTY)/google/api/annotations.proto
+$(DESCRIPTOR): $(PROTOS) $(THIRD_PARTY_FILES)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	wkt=$$($(PY) -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))'); \
 	$(PY) -m grpc_tools.protoc -I proto -I $(THIRD_PARTY) -I $$wkt \
 	  --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) \
 	  --include_imports --include_source_info --descriptor_set_out=$@ $(PROTOS)
 	touch $(GEN)/chatwire/__init__.py $(GEN)/chatwire/v1/__init__.py
+
+# The bundle: a buf module (clients/proto-bundle/buf.yaml) that protoc users can point -I at as well.
+$(PROTO_BUNDLE).tar.gz: $(PROTOS) $(THIRD_PARTY_FILES) clients/proto-bundle/buf.yaml clients/proto-bundle/README.md
+	rm -rf $(PROTO_BUNDLE) && mkdir -p $(PROTO_BUNDLE)/chatwire/v1
+	cp $(PROTOS) $(PROTO_BUNDLE)/chatwire/v1/
+	cd $(THIRD_PARTY) && cp --parents $(THIRD_PARTY_PROTOS) $(CURDIR)/$(PROTO_BUNDLE)/
+	cp clients/proto-bundle/buf.yaml clients/proto-bundle/README.md $(PROTO_BUNDLE)/
+	tar -czf $@ -C $(BUILD) --sort=name --owner=0 --group=0 --mtime=@0 chatwire-proto
+
+# Debian's Go toolchain and gRPC libraries (as root, or through sudo).
+$(GO_TOOLCHAIN):
+	dpkg-query -W -f '$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c 'install ok installed' | grep -qx $(words $(GO_DEBS)) || { \
+	  echo "Installing Debian's Go toolchain for the Go client: $(GO_DEBS)"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(GO_DEBS) >/dev/null; }
+	mkdir -p $(@D) && touch $@
+
+$(PROTOC_GEN_GO): $(GO_TOOLCHAIN)
+	go build -o $@ google.golang.org/protobuf/cmd/protoc-gen-go
+
+$(TS_MODULES): $(TS_CLIENT)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(TS_CLIENT)
+
+# buf.gen.yaml writes TypeScript into clients/typescript/src/gen and Go into build/gen/go (GOPATH layout); the Go
+# client packages join that GOPATH through a link, so `import "github.com/chatwire/chatwire/clients/go/chatwire"`
+# resolves to clients/go/chatwire.
+$(GENERATED_CLIENTS): buf.gen.yaml $(PROTO_BUNDLE).tar.gz $(BUF) $(TS_MODULES) $(PROTOC_GEN_GO)
+	rm -rf $(TS_CLIENT)/src/gen $(GO_GEN)/src
+	$(BUF) generate
+	ln -sfn $(CURDIR)/clients $(GO_GEN)/src/github.com/chatwire/chatwire/clients
+	touch $@
+
+$(TS_BUILT): $(GENERATED_CLIENTS) $(TS_CLIENT)/tsconfig.json $(wildcard $(TS_CLIENT)/src/*.ts)
+	rm -rf $(TS_CLIENT)/dist
+	cd $(TS_CLIENT) && node_modules/.bin/tsc -p .
+	touch $@
+
+$(GO_BIN)/%: $(GENERATED_CLIENTS) $(wildcard clients/go/*/*.go clients/go/cmd/*/*.go)
+	go vet github.com/chatwire/chatwire/clients/go/chatwire github.com/chatwire/chatwire/clients/go/cmd/$*
+	go build -o $@ github.com/chatwire/chatwire/clients/go/cmd/$*
 
 # The OpenAI Node SDK for tests/test_client_node.py, exactly as the committed lockfile pins it; npm ci writes
 # node_modules/.package-lock.json, so a changed lockfile reinstalls.

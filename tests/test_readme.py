@@ -56,3 +56,5 @@ def test_python_examples(chatwire: Stack, example: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+    if "grpc" in example:
+        assert "StatusCode.NOT_FOUND MODEL_NOT_FOUND" in result.stdout and '"model_not_found"' in result.stdout

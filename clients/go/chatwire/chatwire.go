@@ -1,0 +1,148 @@
+// Package chatwire is a thin helper over chatwire's generated Go client (package chatwirev1).
+//
+// Requests are written as OpenAI JSON and parsed with the protobuf JSON mapping (protojson), so string-or-array
+// fields (google.protobuf.Value), tool parameters (Struct) and tool_choice need no hand-built messages; replies
+// can be rendered back to OpenAI's JSON the same way, or read field by field from the typed messages.
+package chatwire
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	chatwirev1 "github.com/chatwire/chatwire/gen/go/chatwire/v1"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// Request parses an OpenAI Chat Completions request body into the gRPC request. Unknown keys are an error, as
+// they are over HTTP.
+func Request(openaiJSON []byte) (*chatwirev1.CreateChatCompletionRequest, error) {
+	request := &chatwirev1.CreateChatCompletionRequest{}
+	if err := protojson.Unmarshal(openaiJSON, request); err != nil {
+		return nil, fmt.Errorf("chatwire: not a chat completion request: %w", err)
+	}
+	return request, nil
+}
+
+// JSON renders a reply (or any chatwire message) as OpenAI's JSON, as the HTTP edge does: snake_case keys, zeros
+// and empty lists printed, unset message fields left out, JSON nulls where the reply holds them.
+func JSON(message proto.Message) ([]byte, error) {
+	raw, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(message)
+	if err != nil {
+		return nil, err
+	}
+	// UseNumber keeps every number exactly as protojson printed it.
+	decoder := json.NewDecoder(bytes.NewReader(raw))
+	decoder.UseNumber()
+	var object map[string]any
+	if err := decoder.Decode(&object); err != nil {
+		return nil, err
+	}
+	// protojson's EmitUnpopulated also prints unset messages as null; the edge (and OpenAI) leaves them out.
+	dropUnset(message.ProtoReflect(), object)
+	return json.Marshal(object)
+}
+
+func dropUnset(message protoreflect.Message, object map[string]any) {
+	fields := message.Descriptor().Fields()
+	for i := 0; i < fields.Len(); i++ {
+		field := fields.Get(i)
+		name := string(field.Name())
+		switch {
+		case field.IsMap():
+		case field.IsList():
+			items, _ := object[name].([]any)
+			if field.Message() != nil && !isWellKnown(field.Message()) {
+				list := message.Get(field).List()
+				for j := 0; j < list.Len() && j < len(items); j++ {
+					if item, ok := items[j].(map[string]any); ok {
+						dropUnset(list.Get(j).Message(), item)
+					}
+				}
+			}
+		case field.HasPresence() && !message.Has(field):
+			delete(object, name)
+		case field.Message() != nil && !isWellKnown(field.Message()):
+			if nested, ok := object[name].(map[string]any); ok {
+				dropUnset(message.Get(field).Message(), nested)
+			}
+		}
+	}
+}
+
+func isWellKnown(message protoreflect.MessageDescriptor) bool {
+	return message.ParentFile().Package() == "google.protobuf"
+}
+
+// Text is the string in a Value field (a reply's message content, a chunk's finish_reason): "" when it is JSON
+// null or unset.
+func Text(value *structpb.Value) string {
+	return value.GetStringValue()
+}
+
+// WithAPIKey returns a context whose calls carry the API key as `authorization: Bearer <key>` metadata.
+func WithAPIKey(ctx context.Context, key string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+}
+
+// Error is what a failed call says: the gRPC status, its google.rpc details, and the OpenAI error body.
+type Error struct {
+	// Code is the gRPC status code, e.g. codes.NotFound.
+	Code codes.Code
+	// Message is the status message (the OpenAI error message).
+	Message string
+	// Reason is ErrorInfo.reason: the OpenAI error code in upper case, e.g. "MODEL_NOT_FOUND".
+	Reason string
+	// Domain is ErrorInfo.domain ("chatwire.dev"); Metadata holds the OpenAI "type" and, when known, "param".
+	Domain   string
+	Metadata map[string]string
+	// Field is BadRequest's field violation: the OpenAI param of an invalid request.
+	Field string
+	// OpenAI is the `x-chatwire-error` trailer, the `{"error": {...}}` body HTTP clients get; nil when absent
+	// (e.g. when the caller cancelled or its deadline passed).
+	OpenAI *chatwirev1.ErrorResponse
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("%s %s: %s", e.Code, e.Reason, e.Message)
+}
+
+// ErrorOf decodes a call's error with the trailer it received: grpc.Trailer(&trailer) for unary calls,
+// stream.Trailer() for streams. It returns nil for a nil error.
+func ErrorOf(err error, trailer metadata.MD) *Error {
+	if err == nil {
+		return nil
+	}
+	var decoded *Error
+	if errors.As(err, &decoded) {
+		return decoded
+	}
+	st := status.Convert(err)
+	decoded = &Error{Code: st.Code(), Message: st.Message()}
+	for _, detail := range st.Details() {
+		switch detail := detail.(type) {
+		case *errdetails.ErrorInfo:
+			decoded.Reason, decoded.Domain, decoded.Metadata = detail.Reason, detail.Domain, detail.Metadata
+		case *errdetails.BadRequest:
+			if violations := detail.GetFieldViolations(); len(violations) > 0 {
+				decoded.Field = violations[0].Field
+			}
+		}
+	}
+	if values := trailer.Get("x-chatwire-error"); len(values) > 0 {
+		body := &chatwirev1.ErrorResponse{}
+		if protojson.Unmarshal([]byte(values[0]), body) == nil {
+			decoded.OpenAI = body
+		}
+	}
+	return decoded
+}

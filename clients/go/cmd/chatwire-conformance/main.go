@@ -1,0 +1,110 @@
+// Command chatwire-conformance runs one of tests/test_polyglot.py's scenarios against a live server. It reads
+//
+//	{"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?}
+//
+// from stdin and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log"
+	"os"
+	"time"
+
+	"github.com/chatwire/chatwire/clients/go/chatwire"
+	chatwirev1 "github.com/chatwire/chatwire/gen/go/chatwire/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
+)
+
+type call struct {
+	Address     string          `json:"address"`
+	APIKey      string          `json:"api_key"`
+	RPC         string          `json:"rpc"`
+	Request     json.RawMessage `json:"request"`
+	TimeoutMS   int             `json:"timeout_ms"`
+	CancelAfter int             `json:"cancel_after"`
+}
+
+func main() {
+	var c call
+	if err := json.NewDecoder(os.Stdin).Decode(&c); err != nil {
+		log.Fatal(err)
+	}
+	request, err := chatwire.Request(c.Request)
+	if err != nil {
+		log.Fatal(err)
+	}
+	conn, err := grpc.Dial(c.Address, grpc.WithInsecure())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+	client := chatwirev1.NewChatServiceClient(conn)
+
+	timeout := 120 * time.Second
+	if c.TimeoutMS > 0 {
+		timeout = time.Duration(c.TimeoutMS) * time.Millisecond
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if c.APIKey != "" {
+		ctx = chatwire.WithAPIKey(ctx, c.APIKey)
+	}
+
+	result := map[string]any{}
+	if c.RPC == "unary" {
+		var trailer metadata.MD
+		reply, err := client.CreateChatCompletion(ctx, request, grpc.Trailer(&trailer))
+		if err != nil {
+			result["error"] = describe(chatwire.ErrorOf(err, trailer))
+		} else {
+			result["response"] = openai(reply)
+		}
+	} else {
+		chunks := []json.RawMessage{}
+		stream, err := client.StreamChatCompletion(ctx, request)
+		for err == nil {
+			var chunk *chatwirev1.CreateChatCompletionStreamResponse
+			if chunk, err = stream.Recv(); err == nil {
+				chunks = append(chunks, openai(chunk))
+				if len(chunks) == c.CancelAfter {
+					cancel()
+				}
+			}
+		}
+		result["chunks"] = chunks
+		if err != io.EOF {
+			var trailer metadata.MD
+			if stream != nil {
+				trailer = stream.Trailer()
+			}
+			result["error"] = describe(chatwire.ErrorOf(err, trailer))
+		}
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(result); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func openai(message proto.Message) json.RawMessage {
+	raw, err := chatwire.JSON(message)
+	if err != nil {
+		log.Fatal(err)
+	}
+	return raw
+}
+
+func describe(err *chatwire.Error) map[string]any {
+	described := map[string]any{
+		"code": int(err.Code), "message": err.Message, "reason": err.Reason, "domain": err.Domain,
+		"metadata": err.Metadata, "field": err.Field,
+	}
+	if err.OpenAI != nil {
+		described["openai"] = openai(err.OpenAI)
+	}
+	return described
+}

@@ -1,0 +1,90 @@
+// Command chatwire-example calls chatwire over gRPC from Go: one reply, then the same conversation streamed.
+//
+//	chatwire-example [-addr 127.0.0.1:50051] [-key sk-...] "Say hello."
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"time"
+
+	"github.com/chatwire/chatwire/clients/go/chatwire"
+	chatwirev1 "github.com/chatwire/chatwire/gen/go/chatwire/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:50051", "chatwire's gRPC address")
+	key := flag.String("key", os.Getenv("CHATWIRE_API_KEY"), "API key, if the server requires one")
+	flag.Parse()
+	prompt := "Say hello."
+	if flag.NArg() > 0 {
+		prompt = flag.Arg(0)
+	}
+
+	conn, err := grpc.Dial(*addr, grpc.WithInsecure())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+	client := chatwirev1.NewChatServiceClient(conn)
+
+	// A deadline travels as grpc-timeout: the server stops work for a caller that has given up.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if *key != "" {
+		ctx = chatwire.WithAPIKey(ctx, *key)
+	}
+
+	// The request is OpenAI's JSON; protojson fills the Value and Struct fields.
+	body, _ := json.Marshal(map[string]any{
+		"model":      "smollm2-135m-instruct",
+		"messages":   []map[string]any{{"role": "user", "content": prompt}},
+		"max_tokens": 48,
+	})
+	request, err := chatwire.Request(body)
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	var trailer metadata.MD
+	reply, err := client.CreateChatCompletion(ctx, request, grpc.Trailer(&trailer))
+	if err != nil {
+		fail(chatwire.ErrorOf(err, trailer))
+	}
+	fmt.Println(chatwire.Text(reply.Choices[0].Message.GetContent()))
+
+	// Cancelling the context (cancel()) ends the stream, and the server frees the sequence at once.
+	stream, err := client.StreamChatCompletion(ctx, request)
+	if err != nil {
+		fail(chatwire.ErrorOf(err, nil))
+	}
+	for {
+		chunk, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fail(chatwire.ErrorOf(err, stream.Trailer()))
+		}
+		for _, choice := range chunk.Choices {
+			fmt.Print(choice.GetDelta().GetContent())
+		}
+	}
+	fmt.Println()
+}
+
+// fail reports an error the way a service would log it: status, OpenAI code, the field at fault.
+func fail(err *chatwire.Error) {
+	if err.OpenAI != nil {
+		body, _ := chatwire.JSON(err.OpenAI)
+		log.Printf("x-chatwire-error: %s", body)
+	}
+	log.Fatalf("%s (reason %s, field %q): %s", err.Code, err.Reason, err.Field, err.Message)
+}

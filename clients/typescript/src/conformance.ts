@@ -1,0 +1,48 @@
+/**
+ * The scenarios tests/test_polyglot.py runs against the live server, one per invocation. Reads one call from stdin:
+ *   {"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?}
+ * and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}.
+ */
+import { readFileSync } from "node:fs";
+
+import type { JsonObject } from "@bufbuild/protobuf";
+
+import {
+  CreateChatCompletionResponseSchema,
+  CreateChatCompletionStreamResponseSchema,
+} from "./gen/chatwire/v1/chat_completion_pb.js";
+import { chatRequest, chatwireClient, chatwireError, openaiJson } from "./chatwire.js";
+
+interface Call {
+  address: string;
+  api_key?: string;
+  rpc: "unary" | "stream";
+  request: JsonObject;
+  timeout_ms?: number;
+  cancel_after?: number;
+}
+
+const call = JSON.parse(readFileSync(0, "utf8")) as Call;
+const client = chatwireClient(call.address, { apiKey: call.api_key });
+const request = chatRequest(call.request);
+const controller = new AbortController();
+const options = { signal: controller.signal, timeoutMs: call.timeout_ms ?? 120_000 };
+const result: JsonObject = {};
+
+try {
+  if (call.rpc === "unary") {
+    const reply = await client.createChatCompletion(request, options);
+    result.response = openaiJson(CreateChatCompletionResponseSchema, reply);
+  } else {
+    const chunks: JsonObject[] = [];
+    result.chunks = chunks;
+    for await (const chunk of client.streamChatCompletion(request, options)) {
+      chunks.push(openaiJson(CreateChatCompletionStreamResponseSchema, chunk));
+      if (chunks.length === call.cancel_after) controller.abort();
+    }
+  }
+} catch (thrown) {
+  const { code, message, reason, domain, metadata, field, openai } = chatwireError(thrown);
+  result.error = { code, message, reason, domain, metadata, field, openai } as JsonObject;
+}
+console.log(JSON.stringify(result));

@@ -1,0 +1,41 @@
+/**
+ * chatwire over gRPC from TypeScript: one reply, then the same conversation streamed.
+ *
+ *   node dist/example.js "Say hello."      (CHATWIRE_GRPC=host:port, default 127.0.0.1:50051; CHATWIRE_API_KEY)
+ */
+import { Code } from "@connectrpc/connect";
+
+import { chatRequest, chatwireClient, chatwireError, text } from "./chatwire.js";
+
+const client = chatwireClient(process.env.CHATWIRE_GRPC ?? "127.0.0.1:50051", {
+  apiKey: process.env.CHATWIRE_API_KEY,
+});
+// The request is OpenAI's JSON; fromJson fills the Value and Struct fields.
+const body = {
+  model: "smollm2-135m-instruct",
+  messages: [{ role: "user", content: process.argv[2] ?? "Say hello." }],
+  max_tokens: 48,
+};
+
+try {
+  // A deadline travels as grpc-timeout: the server stops work for a caller that has given up.
+  const reply = await client.createChatCompletion(chatRequest(body), { timeoutMs: 60_000 });
+  console.log(text(reply.choices[0].message?.content));
+
+  // Aborting the signal cancels the RPC, and the server frees the sequence at once.
+  const controller = new AbortController();
+  const stream = client.streamChatCompletion(chatRequest({ ...body, stream_options: { include_usage: true } }), {
+    signal: controller.signal,
+    timeoutMs: 60_000,
+  });
+  for await (const chunk of stream) {
+    for (const choice of chunk.choices) process.stdout.write(choice.delta?.content ?? "");
+    if (chunk.usage) console.log(`\n(${chunk.usage.completionTokens} tokens)`);
+  }
+} catch (thrown) {
+  // e.g. NotFound MODEL_NOT_FOUND, or InvalidArgument with the field at fault.
+  const error = chatwireError(thrown);
+  console.error(`${Code[error.code]} ${error.reason ?? ""} ${error.field ?? ""}: ${error.message}`);
+  if (error.openai) console.error(`x-chatwire-error: ${JSON.stringify(error.openai)}`);
+  process.exitCode = 1;
+}
