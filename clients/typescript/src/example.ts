@@ -22,8 +22,9 @@ try {
   const reply = await client.createChatCompletion(chatRequest(body), { timeoutMs: 60_000 });
   console.log(text(reply.choices[0].message?.content));
 
-  // Aborting the signal cancels the RPC, and the server frees the sequence at once.
+  // Ctrl-C aborts the signal: the RPC is cancelled and the server frees the sequence at once.
   const controller = new AbortController();
+  process.once("SIGINT", () => controller.abort());
   const stream = client.streamChatCompletion(chatRequest({ ...body, stream_options: { include_usage: true } }), {
     signal: controller.signal,
     timeoutMs: 60_000,

@@ -69,7 +69,8 @@ func main() {
 		stream, err := client.StreamChatCompletion(ctx, request)
 		for err == nil {
 			var chunk *chatwirev1.CreateChatCompletionStreamResponse
-			if chunk, err = stream.Recv(); err == nil {
+			// After cancel(), Recv may still hand over chunks that had arrived; the caller no longer wants them.
+			if chunk, err = stream.Recv(); err == nil && ctx.Err() == nil {
 				chunks = append(chunks, openai(chunk))
 				if len(chunks) == c.CancelAfter {
 					cancel()

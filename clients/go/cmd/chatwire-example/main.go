@@ -11,6 +11,7 @@ import (
 	"io"
 	"log"
 	"os"
+	"os/signal"
 	"time"
 
 	"github.com/chatwire/chatwire/clients/go/chatwire"
@@ -38,6 +39,9 @@ func main() {
 	// A deadline travels as grpc-timeout: the server stops work for a caller that has given up.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// Ctrl-C cancels the context: the call ends at once and the server frees the sequence.
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	defer stop()
 	if *key != "" {
 		ctx = chatwire.WithAPIKey(ctx, *key)
 	}
@@ -60,7 +64,6 @@ func main() {
 	}
 	fmt.Println(chatwire.Text(reply.Choices[0].Message.GetContent()))
 
-	// Cancelling the context (cancel()) ends the stream, and the server frees the sequence at once.
 	stream, err := client.StreamChatCompletion(ctx, request)
 	if err != nil {
 		fail(chatwire.ErrorOf(err, nil))
