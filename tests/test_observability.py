@@ -56,6 +56,35 @@ def test_metrics_count_requests_tokens_and_latency(chatwire: Stack, client: open
     assert value(after, "chatwire_cached_prefixes", model=MODEL) >= 1
 
 
+def test_endpoint_picker_gauges_under_vllm_names(chatwire: Stack) -> None:
+    """The gauges the Gateway API Inference Extension reads from a model server, as vLLM names and labels them:
+    while a stream runs they show it and the KV cells it holds; when it ends they fall back to zero."""
+    text = httpx.get(f"http://127.0.0.1:{chatwire.ports.metrics}/metrics", timeout=10).text
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        assert f"# TYPE {name} gauge" in text
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "stream": True, "n": 2}
+    body["logit_bias"] = {"2": -100}  # no early end: the stream runs while we look
+    with httpx.stream("POST", f"{chatwire.base_url}/chat/completions", json=body, timeout=120) as reply:
+        lines = reply.iter_lines()
+        for _ in range(3):
+            next(lines)
+        during = scrape(chatwire)
+        # One request, two choices: vLLM counts requests; chatwire also reports the sequences.
+        assert value(during, "vllm:num_requests_running", model_name=MODEL) == 1
+        assert value(during, "chatwire_running_requests", model=MODEL) == 1
+        assert value(during, "chatwire_running_sequences", model=MODEL) == 2
+        assert value(during, "vllm:num_requests_waiting", model_name=MODEL) == 0
+        kv_usage = value(during, "vllm:kv_cache_usage_perc", model_name=MODEL)
+        assert 0 < kv_usage < 1 and value(during, "chatwire_kv_cache_usage_ratio", model=MODEL) == kv_usage
+        for _ in lines:
+            pass
+    after = scrape(chatwire)
+    assert value(after, "vllm:num_requests_running", model_name=MODEL) == 0
+    # The finished stream's cells stay cached for prefix reuse, but they can be evicted: not "in use".
+    assert value(after, "vllm:kv_cache_usage_perc", model_name=MODEL) == 0
+    assert value(after, "chatwire_cached_prefixes", model=MODEL) >= 1
+
+
 def test_envoy_stats_are_scrapable(chatwire: Stack) -> None:
     text = httpx.get(f"http://127.0.0.1:{chatwire.ports.admin}/stats/prometheus", timeout=10).text
     families = {f.name for f in text_string_to_metric_families(text)}

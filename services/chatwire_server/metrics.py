@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
 # Latencies from milliseconds (cached prompts) to minutes (long replies under load).
@@ -41,16 +43,56 @@ ENGINE_RESTARTS = Counter(
     ["model"],
     registry=REGISTRY,
 )
-_QUEUED = Gauge("chatwire_queued_requests", "Requests waiting for admission.", ["model"], registry=REGISTRY)
-_RUNNING = Gauge("chatwire_running_sequences", "Sequences being prefilled or decoded.", ["model"], registry=REGISTRY)
-_CACHED = Gauge("chatwire_cached_prefixes", "Finished sequences kept for prefix reuse.", ["model"], registry=REGISTRY)
+
+
+class _EngineGauges(Collector):
+    """The engines' state, read at scrape time with one stats request per model. Besides chatwire's own gauges
+    (label `model`), the three that Kubernetes' Gateway API Inference Extension and llm-d read from every model
+    server, under vLLM's names and label (`model_name`), so chatwire replicas can sit behind their endpoint
+    picker as vLLM pods do (docs/design.md, "Metrics for endpoint pickers")."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, Callable[[], dict[str, int]]] = {}
+
+    def watch(self, model: str, stats: Callable[[], dict[str, int]]) -> None:
+        self._engines[model] = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        own = [
+            ("chatwire_queued_requests", "Requests waiting for admission.", "queued_requests"),
+            ("chatwire_running_requests", "Requests admitted and not yet finished.", "running_requests"),
+            ("chatwire_running_sequences", "Sequences being prefilled or decoded.", "running_sequences"),
+            ("chatwire_cached_prefixes", "Finished sequences kept for prefix reuse.", "cached_prefixes"),
+        ]
+        families = [GaugeMetricFamily(name, text, labels=["model"]) for name, text, _ in own]
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting for admission.", labels=["model_name"]
+        )
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests admitted and not yet finished.", labels=["model_name"]
+        )
+        kv_text = "Share of KV cache cells held by requests in flight, 0 to 1 (evictable cached prefixes aside)."
+        kv_own = GaugeMetricFamily("chatwire_kv_cache_usage_ratio", kv_text, labels=["model"])
+        kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", kv_text, labels=["model_name"])
+        for model, stats in self._engines.items():
+            state = stats()
+            for family, (_, _, key) in zip(families, own, strict=True):
+                family.add_metric([model], state[key])
+            kv_share = state["kv_cells_used"] / max(state["kv_cells_capacity"], 1)
+            kv_own.add_metric([model], kv_share)
+            waiting.add_metric([model], state["queued_requests"])
+            running.add_metric([model], state["running_requests"])
+            kv_usage.add_metric([model], kv_share)
+        yield from (*families, kv_own, waiting, running, kv_usage)
+
+
+_ENGINE_GAUGES = _EngineGauges()
+REGISTRY.register(_ENGINE_GAUGES)
 
 
 def watch_engine(model: str, stats: Callable[[], dict[str, int]]) -> None:
-    """Gauges that read the engine's state at scrape time."""
-    _QUEUED.labels(model).set_function(lambda: stats()["queued_requests"])
-    _RUNNING.labels(model).set_function(lambda: stats()["running_sequences"])
-    _CACHED.labels(model).set_function(lambda: stats()["cached_prefixes"])
+    """Report `model`'s engine state (`stats()`, asked once per scrape) in the engine gauges."""
+    _ENGINE_GAUGES.watch(model, stats)
 
 
 def serve(host: str, port: int) -> int:

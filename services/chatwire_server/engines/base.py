@@ -20,7 +20,10 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """`queued_requests`, `running_sequences` and `cached_prefixes`, for metrics."""
+        """`queued_requests`, `running_requests` (a request with `n` choices runs `n` sequences), `running_sequences`,
+        `cached_prefixes`, and the KV cells held by requests in flight
+        out of those usable (`kv_cells_used`, `kv_cells_capacity`; 0 and 0 for an engine without a KV cache),
+        for metrics."""
         ...
 
     async def close(self) -> None:

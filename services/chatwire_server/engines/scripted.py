@@ -36,7 +36,14 @@ class ScriptedEngine:
         )
 
     def stats(self) -> dict[str, int]:
-        return {"queued_requests": 0, "running_sequences": 0, "cached_prefixes": 0}
+        return {
+            "queued_requests": 0,
+            "running_sequences": 0,
+            "running_requests": 0,
+            "cached_prefixes": 0,
+            "kv_cells_used": 0,
+            "kv_cells_capacity": 0,
+        }
 
     async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         for index in range(request.n):

@@ -44,7 +44,14 @@ START_TIMEOUT_S = 300.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How long a metrics scrape waits for the worker's scheduler state.
 STATS_TIMEOUT_S = 1.0
-_IDLE_STATS = {"queued_requests": 0, "running_sequences": 0, "cached_prefixes": 0}
+_IDLE_STATS = {
+    "queued_requests": 0,
+    "running_sequences": 0,
+    "running_requests": 0,
+    "cached_prefixes": 0,
+    "kv_cells_used": 0,
+    "kv_cells_capacity": 0,
+}
 # A worker that has requests in flight but decodes no step (or does not answer) for this long is wedged: it is
 # killed and restarted, its requests ending with `engine_failed`, rather than hanging every request for good. A
 # step takes well under a second; the bound leaves room for a machine shared with busy neighbours.
