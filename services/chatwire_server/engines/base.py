@@ -7,6 +7,16 @@ from typing import Protocol
 
 from chatwire_server.domain import ChatRequest, EngineEvent
 
+# `Engine.stats()` of an engine with nothing to report: no work, no KV cache.
+IDLE_STATS = {
+    "queued_requests": 0,
+    "running_requests": 0,
+    "running_sequences": 0,
+    "cached_prefixes": 0,
+    "kv_cells_used": 0,
+    "kv_cells_capacity": 0,
+}
+
 
 class Engine(Protocol):
     """Generates the choices of a chat completion.

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta
+from chatwire_server.engines.base import IDLE_STATS
 from chatwire_server.errors import ServiceUnavailableError
 
 
@@ -36,14 +37,7 @@ class ScriptedEngine:
         )
 
     def stats(self) -> dict[str, int]:
-        return {
-            "queued_requests": 0,
-            "running_sequences": 0,
-            "running_requests": 0,
-            "cached_prefixes": 0,
-            "kv_cells_used": 0,
-            "kv_cells_capacity": 0,
-        }
+        return dict(IDLE_STATS)
 
     async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         for index in range(request.n):

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from chatwire_server.domain import ChatRequest, EngineEvent
+from chatwire_server.engines.base import IDLE_STATS
 from chatwire_server.errors import ChatwireError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,6 @@ START_TIMEOUT_S = 300.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How long a metrics scrape waits for the worker's scheduler state.
 STATS_TIMEOUT_S = 1.0
-_IDLE_STATS = {
-    "queued_requests": 0,
-    "running_sequences": 0,
-    "running_requests": 0,
-    "cached_prefixes": 0,
-    "kv_cells_used": 0,
-    "kv_cells_capacity": 0,
-}
 # A worker that has requests in flight but decodes no step (or does not answer) for this long is wedged: it is
 # killed and restarted, its requests ending with `engine_failed`, rather than hanging every request for good. A
 # step takes well under a second; the bound leaves room for a machine shared with busy neighbours.
@@ -80,7 +73,7 @@ class WorkerEngine:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
-        self._stats = dict(_IDLE_STATS)
+        self._stats = dict(IDLE_STATS)
         self._stats_lock = threading.Lock()
         self._stats_ready = threading.Event()
         self._closing = False
@@ -252,7 +245,7 @@ class WorkerEngine:
             "engine worker died; failing its requests and restarting it",
             extra={"model": self._model, "pid": self._process.pid, "exit_code": code, "in_flight": len(self._pending)},
         )
-        self._stats = dict(_IDLE_STATS)
+        self._stats = dict(IDLE_STATS)
         self._fail_all(
             ServiceUnavailableError(
                 f"The engine serving `{self._model}` stopped unexpectedly (it {how}); this reply is incomplete. "
