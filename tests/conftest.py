@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,21 @@ _base_ids = itertools.count()
 
 
 @dataclass
+class Replica:
+    """One gRPC server of a stack."""
+
+    grpc: int
+    metrics: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        """What it answers in `x-chatwire-replica` (the server's default: host name and port)."""
+        return f"{socket.gethostname()}:{self.grpc}"
+
+
+@dataclass
 class Stack:
     """A running stack and where to reach it."""
 
@@ -34,6 +50,7 @@ class Stack:
     server_log: Path
     envoy_log: Path
     server_pid: int = 0
+    replicas: list[Replica] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -99,24 +116,39 @@ def run_stack(
     request: pytest.FixtureRequest,
     config: Path = stack.DEFAULT_CONFIG,
     server_env: dict[str, str] | None = None,
+    replicas: int = 1,
     **edge: str,
 ) -> Iterator[Stack]:
-    """Server (with `server_env`) and Envoy (with `edge` settings) on free ports; logs printed on failure."""
-    ports = stack.Ports(
-        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
-    )
+    """`replicas` servers (with `server_env`) behind Envoy (with `edge` settings) on free ports; logs printed on
+    failure."""
     logs = Path(tempfile.mkdtemp(prefix="chatwire-test-"))
-    running = Stack(ports, logs / "server.log", logs / "envoy.log")
+    servers = [
+        Replica(stack.free_port(), stack.free_port(), logs / ("server.log" if i == 0 else f"server-{i}.log"))
+        for i in range(replicas)
+    ]
+    ports = stack.Ports(
+        http=stack.free_port(),
+        grpc=servers[0].grpc,
+        admin=stack.free_port(),
+        metrics=servers[0].metrics,
+        more_replicas=tuple((r.grpc, r.metrics) for r in servers[1:]),
+    )
+    running = Stack(ports, servers[0].log, logs / "envoy.log", replicas=servers)
     try:
-        with (
-            run_server(ports.grpc, running.server_log, config, server_env, ports.metrics) as server,
-            run_envoy(ports, running.envoy_log, **edge),
-        ):
-            running.server_pid = server.pid
+        with contextlib.ExitStack() as started:
+            for replica in servers:
+                env = {**stack.replica_env(replicas), **(server_env or {})}
+                replica.process = started.enter_context(
+                    run_server(replica.grpc, replica.log, config, env, replica.metrics)
+                )
+            envoy = started.enter_context(run_envoy(ports, running.envoy_log, **edge))
+            if replicas > 1:
+                stack.wait_for_replicas(ports.admin, replicas, envoy)
+            running.server_pid = servers[0].process.pid if servers[0].process else 0
             yield running
     finally:
         if request.session.testsfailed:
-            _dump_logs(running.server_log, running.envoy_log)
+            _dump_logs(*(r.log for r in servers), running.envoy_log)
 
 
 @pytest.fixture(scope="session")

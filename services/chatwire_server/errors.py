@@ -123,3 +123,6 @@ class InternalError(ChatwireError):
 
 # Trailing metadata key carrying the OpenAI error body; the Envoy edge turns it into the HTTP body.
 ERROR_METADATA_KEY = "x-chatwire-error"
+# On errors where this replica cannot take the request now but another may (its queue is full, its engine is
+# restarting), before any work: the edge retries the request once on another replica.
+TRY_ANOTHER_REPLICA = ("x-chatwire-retry-elsewhere", "1")

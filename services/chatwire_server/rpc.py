@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Request metadata the Envoy edge sets on streams it frames as SSE: end them with a sentinel chunk,
 # which the edge rewrites to `data: [DONE]`.
 SSE_METADATA_KEY = "x-chatwire-sse"
+# Which replica served a call: on every reply, and in the edge's access log.
+REPLICA_METADATA_KEY = "x-chatwire-replica"
 SSE_DONE_SENTINEL = pb.CreateChatCompletionStreamResponse(object="chatwire.stream.done")
 # A chunk whose `id` holds the OpenAI error body of a stream that failed after it started (edge only).
 SSE_ERROR_OBJECT = "chatwire.stream.error"
@@ -93,12 +95,15 @@ CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_calle
 class Service(Protocol):
     """What the boundary needs from the servicer."""
 
+    # This replica's name, returned with every reply (success or error) as `x-chatwire-replica` metadata.
+    replica: str
+
     def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]: ...
 
     def model_label(self, request: Any) -> str: ...
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError, replica: str) -> None:
     """Fail the RPC with the error's status code, `google.rpc` details (ErrorInfo; BadRequest naming the field)
     for gRPC clients, and the OpenAI body as trailing metadata for the edge."""
     info = error_details_pb2.ErrorInfo(reason=(error.code or error.error_type).upper(), domain="chatwire.dev")
@@ -113,7 +118,12 @@ async def _abort(context: grpc.aio.ServicerContext, error: ChatwireError) -> Non
     for detail in details:
         status.details.add().Pack(detail)
     rich = rpc_status.to_status(status)
-    trailers = (*rich.trailing_metadata, (ERROR_METADATA_KEY, error.to_openai_json()), *error.metadata)
+    trailers = (
+        *rich.trailing_metadata,
+        (ERROR_METADATA_KEY, error.to_openai_json()),
+        (REPLICA_METADATA_KEY, replica),
+        *error.metadata,
+    )
     await context.abort(rich.code, rich.details, trailing_metadata=trailers)
 
 
@@ -163,13 +173,12 @@ def unary_errors(
                 record["key"], headers = self.admit(context, request)
                 response = await handler(self, request, context)
                 # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
-                if headers:
-                    await context.send_initial_metadata(headers)
+                await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
                 return response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, _classify(exc, record))
+                await _abort(context, _classify(exc, record), self.replica)
                 raise AssertionError("unreachable: abort raises") from exc
 
     return wrapper
@@ -189,9 +198,8 @@ def stream_errors(
                     raise request.error()
                 record["key"], headers = self.admit(context, request)
                 async for response in handler(self, request, context):
-                    if headers:  # with the first chunk (see the unary wrapper)
-                        await context.send_initial_metadata(headers)
-                        headers = []
+                    if not started:  # with the first chunk (see the unary wrapper)
+                        await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
                     started = True
                     yield response
             except grpc.aio.AbortError:
@@ -204,6 +212,6 @@ def stream_errors(
                     yield pb.CreateChatCompletionStreamResponse(id=error.to_openai_json(), object=SSE_ERROR_OBJECT)
                     yield SSE_DONE_SENTINEL
                 else:
-                    await _abort(context, _classify(exc, record))
+                    await _abort(context, _classify(exc, record), self.replica)
 
     return wrapper

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -54,9 +55,10 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         requests_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_RPM", "0")),
         tokens_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_TPM", "0")),
     )
-    rpc.add_servicer(
-        chat_service_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(registry, authenticator, limiter), server
-    )
+    # Replicas tell callers (and the edge's access log) which of them answered: a pod's name in Kubernetes.
+    replica = os.environ.get("CHATWIRE_REPLICA") or f"{socket.gethostname()}:{port}"
+    servicer = ChatServicer(registry, authenticator, limiter, replica=replica)
+    rpc.add_servicer(chat_service_pb2_grpc.add_ChatServiceServicer_to_server, servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
@@ -64,7 +66,9 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    log.info("serving", extra={"address": f"{host}:{bound}", "models": [e.id for e in registry.all()]})
+    log.info(
+        "serving", extra={"address": f"{host}:{bound}", "replica": replica, "models": [e.id for e in registry.all()]}
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

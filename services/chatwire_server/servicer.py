@@ -30,10 +30,12 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         registry: ModelRegistry,
         authenticator: Authenticator | None = None,
         limiter: RateLimiter | None = None,
+        replica: str = "",
     ) -> None:
         self._registry = registry
         self._authenticator = authenticator or Authenticator([])
         self._limiter = limiter or RateLimiter()
+        self.replica = replica
 
     def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]:
         """Check the caller's key, its right to the requested model, and its rate limits before any work.

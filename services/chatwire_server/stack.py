@@ -1,8 +1,9 @@
-"""Starts the whole stack (gRPC server + Envoy edge) for `make run` and for the tests.
+"""Starts the whole stack (gRPC server replicas + Envoy edge) for `make run` and for the tests.
 
 `python -m chatwire_server.stack` serves the default model until Ctrl-C, on the ports named by
-CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901). It supervises both
-processes: one that exits is started again (with back-off), while the other keeps running.
+CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901); CHATWIRE_REPLICAS (1)
+servers sit behind the edge, replica i on the gRPC and metrics ports + i. It supervises every process: one that
+exits is started again (with back-off), while the others keep running.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
 DESCRIPTOR = REPO / "build" / "chatwire.pb"
 DEFAULT_CONFIG = REPO / "config" / "models.toml"
 STARTUP_TIMEOUT_S = 60.0
+HOSTS_SETTLE_S = 1.0
 # `make run` restarts a process of the stack that exits: first after RESTART_DELAY_S, doubling up to
 # RESTART_DELAY_MAX_S while it keeps dying; a process that ran STABLE_AFTER_S restarts after the first delay again.
 RESTART_DELAY_S = 0.5
@@ -44,6 +46,13 @@ class Ports:
     grpc: int
     admin: int
     metrics: int = 9464
+    # Further replicas of the service, behind the same edge: their gRPC and metrics ports.
+    more_replicas: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def replicas(self) -> list[tuple[int, int]]:
+        """(gRPC port, metrics port) of every replica, the first on `grpc` and `metrics`."""
+        return [(self.grpc, self.metrics), *self.more_replicas]
 
 
 def free_port() -> int:
@@ -77,12 +86,15 @@ def render_envoy_config(
     """gateway/envoy.yaml with its placeholders filled: ports, then edge settings from `overrides`, the
     environment, or their defaults."""
     settings = {name: overrides.get(name, os.environ.get(name, default)) for name, default in EDGE_SETTINGS.items()}
+    endpoints = ", ".join(
+        f"{{endpoint: {{address: {{socket_address: {{address: {grpc_host}, port_value: {port}}}}}}}}}"
+        for port, _ in ports.replicas
+    )
     return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
         CHATWIRE_HTTP_HOST=http_host,
         CHATWIRE_HTTP_PORT=ports.http,
         CHATWIRE_ADMIN_PORT=ports.admin,
-        CHATWIRE_GRPC_HOST=grpc_host,
-        CHATWIRE_GRPC_PORT=ports.grpc,
+        CHATWIRE_GRPC_ENDPOINTS=f"[{endpoints}]",
         CHATWIRE_DESCRIPTOR=DESCRIPTOR,
         **settings,
     )
@@ -103,6 +115,15 @@ def server_command(port: int, config: Path = DEFAULT_CONFIG, metrics_port: int |
         *(sys.executable, "-m", "chatwire_server", "--port", str(port), "--config", str(config)),
         *("--metrics-port", str(metrics)),
     ]
+
+
+def replica_env(replicas: int) -> dict[str, str]:
+    """The environment that replicas sharing this machine add: an equal share of its cores each. llama.cpp's
+    threads spin while they wait for each other, so engines that together ask for more threads than there are
+    cores slow each other down many times over."""
+    if replicas == 1:
+        return {}
+    return {"CHATWIRE_ENGINE_THREADS": str(max(1, (os.cpu_count() or 1) // replicas))}
 
 
 def start_server(
@@ -158,6 +179,35 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
             pass
         time.sleep(0.1)
     raise TimeoutError(f"envoy not ready after {timeout:.0f}s")
+
+
+def wait_for_replicas(
+    admin_port: int, count: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S
+) -> None:
+    """Block until Envoy's health checks have passed for `count` replicas in each of its clusters (a replica
+    joins the balancing only then)."""
+    deadline = time.monotonic() + timeout
+    healthy: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        _fail_if_exited(process, "envoy")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as reply:
+                lines = reply.read().decode().splitlines()
+        except OSError:
+            lines = []
+        healthy = {}
+        for line in lines:
+            cluster, *_, field, value = line.split("::")
+            if field == "health_flags":
+                healthy[cluster] = healthy.get(cluster, 0) + (value == "healthy")
+        if healthy and all(n >= count for n in healthy.values()):
+            # Seen here: a burst in the first second after the admin API shows every replica healthy still
+            # lands on two replicas of three; a second later it spreads evenly (Envoy's worker threads get
+            # host updates after its main thread).
+            time.sleep(HOSTS_SETTLE_S)
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"envoy sees fewer than {count} healthy replicas after {timeout:.0f}s: {healthy}")
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -221,11 +271,18 @@ def _say(message: str) -> None:
 
 def main() -> None:
     """`make run`: the server and Envoy in the foreground until Ctrl-C or SIGTERM, each restarted if it dies."""
+    grpc_port = int(os.environ.get("CHATWIRE_GRPC_PORT", "50051"))
+    metrics_port = int(os.environ.get("CHATWIRE_METRICS_PORT", "9464"))
+    replicas = int(os.environ.get("CHATWIRE_REPLICAS", "1"))
+    if replicas < 1:
+        raise SystemExit(f"CHATWIRE_REPLICAS must be 1 or more, not {replicas}")
+    # Replica i (from 0) listens on the gRPC and metrics ports + i.
     ports = Ports(
         http=int(os.environ.get("CHATWIRE_HTTP_PORT", "8080")),
-        grpc=int(os.environ.get("CHATWIRE_GRPC_PORT", "50051")),
+        grpc=grpc_port,
         admin=int(os.environ.get("CHATWIRE_ADMIN_PORT", "9901")),
-        metrics=int(os.environ.get("CHATWIRE_METRICS_PORT", "9464")),
+        metrics=metrics_port,
+        more_replicas=tuple((grpc_port + i, metrics_port + i) for i in range(1, replicas)),
     )
     run_dir = REPO / "build" / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,8 +295,8 @@ def main() -> None:
     auth_on = bool(os.environ.get("CHATWIRE_API_KEYS") or os.environ.get("CHATWIRE_API_KEYS_FILE"))
 
     # Children log straight to this terminal.
-    def new_server() -> subprocess.Popen[bytes]:
-        return start_server(ports.grpc, sys.stdout.buffer, metrics_port=ports.metrics)
+    def server_starter(grpc: int, metrics: int) -> Callable[[], subprocess.Popen[bytes]]:
+        return lambda: start_server(grpc, sys.stdout.buffer, metrics_port=metrics, env=replica_env(replicas))
 
     def new_envoy() -> subprocess.Popen[bytes]:
         return start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)
@@ -248,22 +305,30 @@ def main() -> None:
     try:
         # A process that fails to start the first time (a bad config, a port in use) stops the stack: starting
         # it again would fail the same way.
-        server = new_server()
-        children.append(Supervised("chatwire server", new_server, server))
-        wait_for_server(ports.grpc, server)
+        servers = []
+        for grpc, metrics in ports.replicas:
+            start = server_starter(grpc, metrics)
+            servers.append((grpc, start()))
+            name = "chatwire server" if replicas == 1 else f"chatwire replica :{grpc}"
+            children.append(Supervised(name, start, servers[-1][1]))
+        for grpc, server in servers:  # they load their models side by side
+            wait_for_server(grpc, server)
         envoy = new_envoy()
         children.append(Supervised("envoy", new_envoy, envoy))
         wait_for_envoy(ports.admin, envoy)
+        wait_for_replicas(ports.admin, replicas, envoy)
+        grpc_addresses = ", ".join(f"127.0.0.1:{grpc}" for grpc, _ in ports.replicas)
+        metrics_urls = ", ".join(f"http://127.0.0.1:{metrics}/metrics" for _, metrics in ports.replicas)
         print(
-            f"\nchatwire is up:\n"
+            f"\nchatwire is up ({replicas} replica{'s' if replicas > 1 else ''} behind the edge):\n"
             f"  OpenAI HTTP API  http://127.0.0.1:{ports.http}/v1/chat/completions\n"
-            f"  gRPC API         127.0.0.1:{ports.grpc} (chatwire.v1.ChatService, reflection on)\n"
+            f"  gRPC API         {grpc_addresses} (chatwire.v1.ChatService, reflection on)\n"
             f"  Health           http://127.0.0.1:{ports.http}/health\n"
-            f"  Service metrics  http://127.0.0.1:{ports.metrics}/metrics (Prometheus)\n"
+            f"  Service metrics  {metrics_urls} (Prometheus)\n"
             f"  Envoy stats      http://127.0.0.1:{ports.admin}/stats/prometheus\n"
             f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"
             f"  API keys         {'on' if auth_on else 'OFF: anyone who reaches the ports can use it'}\n"
-            "Ctrl-C stops both.\n",
+            "Ctrl-C stops them all.\n",
             flush=True,
         )
         # From here on a process that dies is restarted; meanwhile Envoy answers 503 for a missing server

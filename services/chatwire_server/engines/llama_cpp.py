@@ -42,7 +42,7 @@ from chatwire_server.domain import (
     TextDelta,
     TokenLogprob,
 )
-from chatwire_server.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
+from chatwire_server.errors import TRY_ANOTHER_REPLICA, InvalidRequestError, RateLimitError, ServiceUnavailableError
 from chatwire_server.structured import GRAMMAR_LIMITS
 from chatwire_server.text import StopMatcher
 
@@ -69,7 +69,7 @@ class EngineSettings:
     max_completion_budget: int = 65536
     # Prompt tokens evaluated per step while other sequences decode: bounds how long a long prompt stalls them.
     prefill_chunk: int = 128
-    # llama.cpp threads; None means one per core.
+    # llama.cpp threads; None means CHATWIRE_ENGINE_THREADS, else one per core.
     n_threads: int | None = None
     # Tokens that finished requests leave cached for prefix reuse, least recently cached evicted first. Kept
     # small: attention runs over every cell up to the highest one in use, so cached cells slow every step.
@@ -154,7 +154,8 @@ class LlamaCppEngine:
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         self._settings = settings
 
-        threads = settings.n_threads or os.cpu_count() or 1
+        # Replicas sharing one machine are each given their share of its cores (chatwire_server.stack).
+        threads = settings.n_threads or int(os.environ.get("CHATWIRE_ENGINE_THREADS", "0")) or os.cpu_count() or 1
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.kv_cells
         ctx_params.n_batch = max(settings.prefill_chunk + settings.max_sequences, 512)
@@ -364,7 +365,7 @@ class LlamaCppEngine:
                 raise RateLimitError(
                     "The server is at capacity: too many requests are waiting. Retry shortly.",
                     code="rate_limit_exceeded",
-                    metadata=[("retry-after", "1")],
+                    metadata=[("retry-after", "1"), TRY_ANOTHER_REPLICA],
                 )
             self._queue.append(job)
             self._lock.notify()

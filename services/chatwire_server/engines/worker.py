@@ -35,7 +35,7 @@ from typing import Any
 
 from chatwire_server.domain import ChatRequest, EngineEvent
 from chatwire_server.engines.base import IDLE_STATS
-from chatwire_server.errors import ChatwireError, ServiceUnavailableError
+from chatwire_server.errors import TRY_ANOTHER_REPLICA, ChatwireError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class WorkerEngine:
             raise ServiceUnavailableError(
                 f"The model `{self._model}` is restarting after its engine stopped. Retry shortly.",
                 code="engine_restarting",
-                metadata=[("retry-after", "2")],
+                metadata=[("retry-after", "2"), TRY_ANOTHER_REPLICA],
             )
         try:
             with self._send_lock:
@@ -153,7 +153,7 @@ class WorkerEngine:
             raise ServiceUnavailableError(
                 f"The engine serving `{self._model}` stopped. Retry shortly.",
                 code="engine_restarting",
-                metadata=[("retry-after", "2")],
+                metadata=[("retry-after", "2"), TRY_ANOTHER_REPLICA],
             ) from None
 
     def _start_worker(self) -> None:

@@ -1,0 +1,209 @@
+"""Replicas behind the one Envoy edge (three gRPC servers on loopback standing in for three machines): spreading,
+cache affinity by `prompt_cache_key`, retries of a full replica's refusal on another, draining."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import json_format
+
+from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
+from chatwire_server import stack
+from conftest import MODEL, Stack, assert_valid, parse_sse, run_stack
+
+pytestmark = pytest.mark.scaleout
+
+HI = [{"role": "user", "content": "Hi"}]
+NO_END = {"logit_bias": {"2": -100}}  # replies run to max_tokens: streams overlap as the tests need
+
+
+def small_replicas(tmp_path: Path, **settings: int) -> Path:
+    """The default model config with a smaller KV cache (three replicas share this machine) and `settings`."""
+    text = stack.DEFAULT_CONFIG.read_text().replace("kv_cells = 32768", "kv_cells = 8192")
+    text = text.replace("prefix_cache_tokens = 4096", "prefix_cache_tokens = 2048")
+    for name, value in settings.items():
+        text, found = re.subn(rf"^{name} = \d+$", f"{name} = {value}", text, flags=re.M)
+        assert found == 1, name
+    config = tmp_path / "models.toml"
+    config.write_text(text)
+    return config
+
+
+@pytest.fixture(scope="module")
+def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Three replicas behind the edge."""
+    with run_stack(request, small_replicas(tmp_path_factory.mktemp("replicas")), replicas=3) as running:
+        yield running
+
+
+def chat(running: Stack, **body: Any) -> httpx.Response:
+    request = {"model": MODEL, "messages": HI, "max_tokens": 4, **body}
+    return httpx.post(f"{running.base_url}/chat/completions", json=request, timeout=120)
+
+
+def replica_of(reply: httpx.Response) -> str:
+    name = reply.headers.get("x-chatwire-replica")
+    assert name, dict(reply.headers)
+    return name
+
+
+def envoy_counter(running: Stack, name: str) -> int:
+    stats = httpx.get(f"http://127.0.0.1:{running.ports.admin}/stats?filter=^{name}$&format=json", timeout=10)
+    values = [s.get("value", 0) for s in stats.json()["stats"] if s.get("name") == name]
+    return int(values[0]) if values else 0
+
+
+def key_on(running: Stack, replica: str) -> str:
+    """A `prompt_cache_key` that the ring sends to `replica`."""
+    for n in range(200):
+        key = f"tenant-{n}"
+        if replica_of(chat(running, prompt_cache_key=key, max_tokens=1)) == replica:
+            return key
+    raise AssertionError(f"no key maps to {replica}")
+
+
+def test_concurrent_streams_spread_over_all_replicas(replicas: Stack) -> None:
+    served: list[str] = []
+    failures: list[str] = []
+    start = threading.Barrier(12)
+
+    def stream() -> None:
+        body = {"model": MODEL, "messages": HI, "max_tokens": 24, "stream": True, **NO_END}
+        start.wait()
+        with httpx.stream("POST", f"{replicas.base_url}/chat/completions", json=body, timeout=180) as reply:
+            text = reply.read().decode()
+            if reply.status_code != 200:
+                failures.append(f"{reply.status_code} {text[:200]}")
+                return
+            events = parse_sse(text)
+            assert events[-1] == "[DONE]"
+            for chunk in events[:-1]:
+                assert_valid(chunk, "CreateChatCompletionStreamResponse")
+            served.append(replica_of(reply))
+
+    threads = [threading.Thread(target=stream) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and len(served) == 12, failures
+    assert set(served) == {r.name for r in replicas.replicas}, served
+
+
+def test_a_conversation_stays_on_the_replica_that_caches_it(replicas: Stack) -> None:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a terse assistant. " * 20},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    served, cached = [], []
+    for turn in range(10):
+        reply = chat(replicas, messages=messages, max_tokens=8, prompt_cache_key="conversation-42")
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        served.append(replica_of(reply))
+        cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        messages += [body["choices"][0]["message"], {"role": "user", "content": f"And another one ({turn})."}]
+    assert len(set(served)) == 1, served
+    assert all(tokens > 0 for tokens in cached[1:]), cached
+
+
+def test_keys_pick_replicas_and_other_requests_balance(replicas: Stack) -> None:
+    by_key = {key: {replica_of(chat(replicas, user=key)) for _ in range(3)} for key in ("alice", "bob", "carol")}
+    assert all(len(served) == 1 for served in by_key.values()), by_key  # each key sticks
+    spread = {replica_of(chat(replicas, user=f"user-{n}")) for n in range(12)}
+    assert len(spread) >= 2, spread  # and keys spread
+
+
+def test_the_access_log_names_the_replica(replicas: Stack) -> None:
+    reply = chat(replicas)
+    request_id = reply.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in replicas.envoy_log.read_text().splitlines():
+            if request_id in line:
+                record = json.loads(line)
+                assert record["replica"] == replica_of(reply)
+                assert record["upstream"].endswith(f":{replica_of(reply).rsplit(':', 1)[1]}")
+                return
+        time.sleep(0.2)
+    raise AssertionError("no access-log line for the request")
+
+
+@pytest.fixture(scope="module")
+def one_slot_replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Three replicas that each decode one sequence and queue nothing: a second request is a 429."""
+    config = small_replicas(tmp_path_factory.mktemp("one-slot"), max_sequences=1, max_queued_requests=0)
+    with run_stack(request, config, replicas=3) as running:
+        yield running
+
+
+def test_a_full_replica_refusal_is_retried_on_another(one_slot_replicas: Stack) -> None:
+    running = one_slot_replicas
+    full = running.replicas[0]
+    key = key_on(running, full.name)
+    # Fill its only slot behind the edge's back (straight to its gRPC port): Envoy still counts it idle, so the
+    # ring's load bound does not steer around it and the replica's own refusal is what moves the request.
+    long = json_format.ParseDict(
+        {"model": MODEL, "messages": HI, "max_tokens": 400, **NO_END}, chat_completion_pb2.CreateChatCompletionRequest()
+    )
+
+    def hold() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{full.grpc}") as channel:
+            for _ in chat_service_pb2_grpc.ChatServiceStub(channel).StreamChatCompletion(long, timeout=120):
+                pass
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    deadline = time.monotonic() + 30
+    while stack_metric(full.metrics, "chatwire_running_requests") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    retried = envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success")
+    reply = chat(running, prompt_cache_key=key)
+    holder.join()
+    assert reply.status_code == 200, reply.text
+    assert replica_of(reply) != full.name
+    assert "x-chatwire-retry-elsewhere" not in reply.headers
+    assert envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success") == retried + 1
+
+
+def stack_metric(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.fixture
+def drainable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """Three replicas, one of which the test will stop."""
+    with run_stack(request, small_replicas(tmp_path), replicas=3) as running:
+        yield running
+
+
+def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(drainable: Stack) -> None:
+    draining = drainable.replicas[0]
+    key = key_on(drainable, draining.name)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 200, "stream": True, "prompt_cache_key": key, **NO_END}
+    with httpx.stream("POST", f"{drainable.base_url}/chat/completions", json=body, timeout=120) as stream:
+        assert replica_of(stream) == draining.name
+        lines = stream.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert draining.process is not None
+        draining.process.send_signal(signal.SIGTERM)
+        # New requests, with its key and without, are served by the others while it drains.
+        during = [chat(drainable, prompt_cache_key=key), chat(drainable), chat(drainable, stream=True)]
+        rest = "\n".join(lines)
+    assert [r.status_code for r in during] == [200, 200, 200], [r.text for r in during]
+    assert draining.name not in {replica_of(r) for r in during}
+    # Its own stream ran to the end it asked for.
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest, rest[-300:]
+    assert draining.process.wait(30) == 0
