@@ -145,7 +145,12 @@ def run_stack(
             if replicas > 1:
                 stack.wait_for_replicas(ports.admin, replicas, envoy)
             running.server_pid = servers[0].process.pid if servers[0].process else 0
-            yield running
+            try:
+                yield running
+            finally:  # replicas drain side by side (each gives notice first), not one after another
+                for replica in servers:
+                    if replica.process and replica.process.poll() is None:
+                        replica.process.terminate()
     finally:
         if request.session.testsfailed:
             _dump_logs(*(r.log for r in servers), running.envoy_log)

@@ -134,7 +134,7 @@ def test_invalid_json_is_openais_400(chatwire: Stack, body: str, stream: bool) -
 # 3. Headers that steer the gRPC call or the edge are never taken from clients.
 
 
-def test_client_grpc_and_chatwire_headers_are_stripped(chatwire: Stack) -> None:
+def test_client_grpc_chatwire_and_envoy_headers_steer_nothing(chatwire: Stack) -> None:
     internal = {
         "grpc-timeout": "1n",  # was: the service's deadline, a 504 with a gRPC-shaped body
         "grpc-encoding": "gzip",
@@ -144,6 +144,10 @@ def test_client_grpc_and_chatwire_headers_are_stripped(chatwire: Stack) -> None:
         "x-chatwire-sse": "1",  # would ask the service for the stream sentinel on a unary call
         "x-chatwire-error": '{"error": {"message": "injected"}}',
         "x-chatwire-anything": "x",
+        "x-chatwire-affinity": "tenant",  # would pick the replica instead of the body's keys
+        # Envoy ignores these from clients (none is internal): a 1 ms upstream timeout would be a 504.
+        "x-envoy-upstream-rq-timeout-ms": "1",
+        "x-envoy-retry-on": "5xx,reset",
     }
     assert_unary(post_chat(chatwire, CHAT, **internal))
     assert_stream(post_chat(chatwire, {**CHAT, "stream": True}, **internal))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
@@ -78,7 +80,12 @@ def test_endpoint_picker_gauges_under_vllm_names(chatwire: Stack) -> None:
         assert 0 < kv_usage < 1 and value(during, "chatwire_kv_cache_usage_ratio", model=MODEL) == kv_usage
         for _ in lines:
             pass
-    after = scrape(chatwire)
+    # The engine frees the sequences just after their last chunk: give it a moment.
+    deadline = time.monotonic() + 5
+    while value(after := scrape(chatwire), "vllm:num_requests_running", model_name=MODEL) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     assert value(after, "vllm:num_requests_running", model_name=MODEL) == 0
     # The finished stream's cells stay cached for prefix reuse, but they can be evicted: not "in use".
     assert value(after, "vllm:kv_cache_usage_perc", model_name=MODEL) == 0

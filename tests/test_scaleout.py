@@ -172,8 +172,39 @@ def test_a_full_replica_refusal_is_retried_on_another(one_slot_replicas: Stack) 
     holder.join()
     assert reply.status_code == 200, reply.text
     assert replica_of(reply) != full.name
-    assert "x-chatwire-retry-elsewhere" not in reply.headers
     assert envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success") == retried + 1
+
+
+def test_when_every_replica_is_full_the_client_gets_the_429(one_slot_replicas: Stack) -> None:
+    running = one_slot_replicas
+    long = json_format.ParseDict(
+        {"model": MODEL, "messages": HI, "max_tokens": 400, **NO_END}, chat_completion_pb2.CreateChatCompletionRequest()
+    )
+    channels = [grpc.insecure_channel(f"127.0.0.1:{r.grpc}") for r in running.replicas]
+    streams = [chat_service_pb2_grpc.ChatServiceStub(c).StreamChatCompletion(long, timeout=120) for c in channels]
+    try:
+        for stream in streams:
+            next(stream)  # each replica's one slot is taken
+        reply = chat(running)
+        assert reply.status_code == 429, reply.text
+        assert reply.json()["error"]["code"] == "rate_limit_exceeded" and reply.headers["retry-after"] == "1"
+        # Tried twice (once elsewhere), and the retry marker stays inside the edge.
+        assert "x-chatwire-retry-elsewhere" not in reply.headers
+    finally:
+        for stream in streams:
+            stream.cancel()
+        for channel in channels:
+            channel.close()
+
+
+def healthy_hosts(running: Stack, address_suffix: str) -> list[str]:
+    """Envoy's clusters in which the replica at `...address_suffix` is healthy."""
+    text = httpx.get(f"http://127.0.0.1:{running.ports.admin}/clusters", timeout=10).text
+    return [
+        line.split("::")[0]
+        for line in text.splitlines()
+        if line.endswith("::health_flags::healthy") and line.split("::")[1].endswith(address_suffix)
+    ]
 
 
 def stack_metric(port: int, name: str) -> float:
@@ -199,7 +230,12 @@ def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(drain
             next(lines)
         assert draining.process is not None
         draining.process.send_signal(signal.SIGTERM)
-        # New requests, with its key and without, are served by the others while it drains.
+        # It says NOT_SERVING and keeps serving until Envoy's health checks take it out of both clusters...
+        deadline = time.monotonic() + 15
+        while healthy_hosts(drainable, f":{draining.grpc}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not healthy_hosts(drainable, f":{draining.grpc}")
+        # ...then new requests, with its key and without, are served by the others while its stream goes on.
         during = [chat(drainable, prompt_cache_key=key), chat(drainable), chat(drainable, stream=True)]
         rest = "\n".join(lines)
     assert [r.status_code for r in during] == [200, 200, 200], [r.text for r in during]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 # Latencies from milliseconds (cached prompts) to minutes (long replies under load).
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -75,7 +77,11 @@ class _EngineGauges(Collector):
         kv_own = GaugeMetricFamily("chatwire_kv_cache_usage_ratio", kv_text, labels=["model"])
         kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", kv_text, labels=["model_name"])
         for model, stats in self._engines.items():
-            state = stats()
+            try:
+                state = stats()
+            except Exception:  # one engine's trouble must not cost the whole scrape (counters included)
+                log.exception("engine stats failed", extra={"model": model})
+                continue
             for family, (_, _, key) in zip(families, own, strict=True):
                 family.add_metric([model], state[key])
             kv_share = state["kv_cells_used"] / max(state["kv_cells_capacity"], 1)

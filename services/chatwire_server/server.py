@@ -28,6 +28,8 @@ SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "models.toml"
 # How long in-flight requests may finish after SIGTERM before they are cancelled.
 SHUTDOWN_GRACE_S = 10.0
+# How long a stopping server says NOT_SERVING before it refuses new requests (replicas behind the edge).
+DRAIN_NOTICE_S = float(os.environ.get("CHATWIRE_DRAIN_NOTICE_S", "0"))
 # Above what the edge lets through (4 MiB bodies, 32 KiB of headers), so whatever Envoy accepts decodes here and
 # a request too large is refused by the edge with 413/431, never reset by gRPC in between.
 GRPC_OPTIONS = [
@@ -76,8 +78,10 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("shutting down", extra={"grace_s": SHUTDOWN_GRACE_S})
+    log.info("shutting down", extra={"grace_s": SHUTDOWN_GRACE_S, "notice_s": DRAIN_NOTICE_S})
     await health_servicer.enter_graceful_shutdown()
+    # Behind a balancer, keep serving until its health checks have seen NOT_SERVING and sent new work elsewhere.
+    await asyncio.sleep(DRAIN_NOTICE_S)
     await server.stop(SHUTDOWN_GRACE_S)
     await registry.close()
     log.info("stopped")

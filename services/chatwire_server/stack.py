@@ -123,7 +123,13 @@ def replica_env(replicas: int) -> dict[str, str]:
     cores slow each other down many times over."""
     if replicas == 1:
         return {}
-    return {"CHATWIRE_ENGINE_THREADS": str(max(1, (os.cpu_count() or 1) // replicas))}
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, not all the machine has
+    return {
+        "CHATWIRE_ENGINE_THREADS": str(max(1, cores // replicas)),
+        # Envoy checks health every 2 s and drops a replica after two failures: a draining one keeps serving
+        # that long after saying NOT_SERVING, so nothing is sent to it once it refuses.
+        "CHATWIRE_DRAIN_NOTICE_S": "5",
+    }
 
 
 def start_server(
@@ -210,7 +216,7 @@ def wait_for_replicas(
     raise TimeoutError(f"envoy sees fewer than {count} healthy replicas after {timeout:.0f}s: {healthy}")
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     """SIGTERM, then SIGKILL if it does not exit in time."""
     if process.poll() is None:
         process.terminate()
@@ -340,6 +346,9 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for child in reversed(children):  # all at once: replicas drain side by side
+            if child.process.poll() is None:
+                child.process.terminate()
         for child in reversed(children):
             stop(child.process)
         envoy_config.unlink(missing_ok=True)
