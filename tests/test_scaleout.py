@@ -213,17 +213,17 @@ def stack_metric(port: int, name: str) -> float:
 
 
 @pytest.fixture
-def drainable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    """Three replicas, one of which the test will stop."""
+def disposable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """Three replicas, one of which the test will stop or kill."""
     with run_stack(request, small_replicas(tmp_path), replicas=3) as running:
         yield running
 
 
-def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(drainable: Stack) -> None:
-    draining = drainable.replicas[0]
-    key = key_on(drainable, draining.name)
+def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(disposable: Stack) -> None:
+    draining = disposable.replicas[0]
+    key = key_on(disposable, draining.name)
     body = {"model": MODEL, "messages": HI, "max_tokens": 200, "stream": True, "prompt_cache_key": key, **NO_END}
-    with httpx.stream("POST", f"{drainable.base_url}/chat/completions", json=body, timeout=120) as stream:
+    with httpx.stream("POST", f"{disposable.base_url}/chat/completions", json=body, timeout=120) as stream:
         assert replica_of(stream) == draining.name
         lines = stream.iter_lines()
         for _ in range(3):
@@ -232,14 +232,40 @@ def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(drain
         draining.process.send_signal(signal.SIGTERM)
         # It says NOT_SERVING and keeps serving until Envoy's health checks take it out of both clusters...
         deadline = time.monotonic() + 15
-        while healthy_hosts(drainable, f":{draining.grpc}") and time.monotonic() < deadline:
+        while healthy_hosts(disposable, f":{draining.grpc}") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not healthy_hosts(drainable, f":{draining.grpc}")
+        assert not healthy_hosts(disposable, f":{draining.grpc}")
+        time.sleep(stack.HOSTS_SETTLE_S)  # Envoy's worker threads act on it a moment after its admin API shows it
         # ...then new requests, with its key and without, are served by the others while its stream goes on.
-        during = [chat(drainable, prompt_cache_key=key), chat(drainable), chat(drainable, stream=True)]
+        during = [chat(disposable, prompt_cache_key=key), chat(disposable), chat(disposable, stream=True)]
         rest = "\n".join(lines)
     assert [r.status_code for r in during] == [200, 200, 200], [r.text for r in during]
     assert draining.name not in {replica_of(r) for r in during}
     # Its own stream ran to the end it asked for.
     assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest, rest[-300:]
     assert draining.process.wait(30) == 0
+
+
+def test_a_killed_replica_is_routed_around(disposable: Stack) -> None:
+    victim = disposable.replicas[0]
+    assert victim.process is not None
+    key = key_on(disposable, victim.name)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True, "prompt_cache_key": key, **NO_END}
+    with httpx.stream("POST", f"{disposable.base_url}/chat/completions", json=body, timeout=30) as stream:
+        assert replica_of(stream) == victim.name
+        lines = stream.iter_lines()
+        next(lines)
+        victim.process.kill()
+        # Its stream ends at once (Envoy resets it: no error event yet), rather than hanging.
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in lines:
+                pass
+    # New requests, its key's included, go to the others: connection failures are retried elsewhere, and
+    # Envoy takes the replica out (outlier ejection or failed health checks) in both clusters.
+    replies = [chat(disposable, prompt_cache_key=key)] + [chat(disposable) for _ in range(9)]
+    assert [r.status_code for r in replies] == [200] * 10, [r.text for r in replies]
+    assert victim.name not in {replica_of(r) for r in replies}
+    deadline = time.monotonic() + 10
+    while healthy_hosts(disposable, f":{victim.grpc}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not healthy_hosts(disposable, f":{victim.grpc}")

@@ -126,9 +126,10 @@ def replica_env(replicas: int) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0))  # the cores this process may use, not all the machine has
     return {
         "CHATWIRE_ENGINE_THREADS": str(max(1, cores // replicas)),
-        # Envoy checks health every 2 s and drops a replica after two failures: a draining one keeps serving
-        # that long after saying NOT_SERVING, so nothing is sent to it once it refuses.
-        "CHATWIRE_DRAIN_NOTICE_S": "5",
+        # Envoy checks health every 2 s and drops a replica after two failures (its worker threads about a second
+        # later): a draining one keeps serving that long after saying NOT_SERVING, so nothing is sent to it once
+        # it refuses.
+        "CHATWIRE_DRAIN_NOTICE_S": "6",
     }
 
 
