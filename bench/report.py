@@ -159,9 +159,40 @@ def markdown(results: dict[str, Any]) -> str:
     n4 = _figure(results, "llama_cpp.server", "n4")
     if n4 and n4["choices_per_request"] < 4:
         notes.append("- llama_cpp.server ignores `n`: it returned one choice per request in the n4 workload.")
+    lines += _affinity(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _affinity(results: dict[str, Any]) -> list[str]:
+    """Multi-turn conversations on replicas: least request against affinity (bench/affinity.py)."""
+    run = results.get("affinity")
+    if not run:
+        return []
+    least, keyed = run["modes"]["least_request"], run["modes"]["affinity"]
+    rows = [
+        f"| {name} | {m['requests']} | {m['prompt_tokens']} | {m['evaluated_tokens']} | "
+        f"{100 * m['cached_share']:.0f}% | {m['ttft_p50_ms']:.0f} | {m['ttft_p99_ms']:.0f} | {m['wall_s']:.1f} |"
+        for name, m in (("least request (no key)", least), ("affinity (`prompt_cache_key`)", keyed))
+    ]
+    return [
+        "## Replicas: least request against affinity",
+        "",
+        f"{run['conversations']} conversations of {run['turns']} turns ({run['concurrency']} at a time, "
+        f"{run['reply_tokens']}-token replies, each with its own ~350-token system prompt) on {run['replicas']} "
+        f"replicas behind the edge ({run['engine_threads']} engine thread each: they share this machine), "
+        f"{run['date']}; each mode on a fresh stack. `python bench/affinity.py` (part of `make bench`).",
+        "",
+        "| balancing | requests | prompt tokens | evaluated (not cached) | from cache | TTFT p50 ms | TTFT p99 ms | "
+        "wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Affinity evaluates {_ratio(least['evaluated_tokens'], keyed['evaluated_tokens'])} fewer prompt tokens "
+        f"and cuts TTFT p50 to {_ratio(keyed['ttft_p50_ms'], least['ttft_p50_ms'], percent=True)}.",
+        "",
+    ]
 
 
 def _constraint_cost(results: dict[str, Any], targets: list[str]) -> list[str]:
