@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import socket
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -21,6 +22,7 @@ from referencing import Registry, Resource
 
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import stack
+from chatwire_server.server import default_replica_name
 
 MODEL = "smollm2-135m-instruct"
 SPEC = json.loads((Path(__file__).parent / "spec" / "chat_completions_schemas.json").read_text())
@@ -38,8 +40,8 @@ class Replica:
 
     @property
     def name(self) -> str:
-        """What it answers in `x-chatwire-replica` (the server's default: host name and port)."""
-        return f"{socket.gethostname()}:{self.grpc}"
+        """What it answers in `x-chatwire-replica`."""
+        return default_replica_name(self.grpc)
 
 
 @dataclass
@@ -102,6 +104,18 @@ def engine_workers(server_pid: int) -> list[int]:
     """Process ids of the server's engine workers (its children, whichever thread started them)."""
     tasks = Path(f"/proc/{server_pid}/task")
     return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+
+
+def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """A counter or gauge of the service's /metrics on `port`, summed over the series whose labels include
+    `labels`; None when no series matches."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = []
+    for match in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
+        series = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(series.get(key) == value for key, value in (labels or {}).items()):
+            values.append(float(match.group(2)))
+    return sum(values) if values else None
 
 
 def _dump_logs(*paths: Path) -> None:

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
-from conftest import MODEL, SPEC, Stack, assert_valid, engine_workers, parse_sse
+from conftest import MODEL, SPEC, Stack, assert_valid, engine_workers, metric, parse_sse
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings (from the environment: `make test` runs the defaults, `make fuzz` the big counts)
@@ -2011,13 +2011,6 @@ def write_results(kind: str, payload: dict[str, Any]) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run-level watch
-
-
-def metric(port: int, name: str) -> float | None:
-    """A metric of the service's /metrics (summed over labels), or None if absent."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-    return sum(values) if values else None
 
 
 def rss_mb(pid: int) -> float | None:

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import jsonschema
 import pytest
 
 from chatwire_server import stack
-from conftest import MODEL, _dump_logs, assert_valid, run_server
+from conftest import MODEL, _dump_logs, assert_valid, metric, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = {
@@ -46,13 +45,7 @@ class Server:
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A counter or gauge summed over the series whose labels include `labels` (0 when none)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        total = 0.0
-        for match in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
-            series = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-            if all(series.get(key) == value for key, value in (labels or {}).items()):
-                total += float(match.group(2))
-        return total
+        return metric(self.metrics_port, name, labels) or 0.0
 
     def assert_freed_soon(self) -> None:
         """No sequence runs within 3 s: a call that ended early freed its sequence, and the LONG generation it asked

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server import stack
-from conftest import MODEL, Stack, assert_valid, parse_sse, run_stack
+from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
 
 pytestmark = pytest.mark.scaleout
 
@@ -165,7 +165,7 @@ def test_a_full_replica_refusal_is_retried_on_another(one_slot_replicas: Stack) 
     holder = threading.Thread(target=hold)
     holder.start()
     deadline = time.monotonic() + 30
-    while stack_metric(full.metrics, "chatwire_running_requests") < 1 and time.monotonic() < deadline:
+    while (metric(full.metrics, "chatwire_running_requests") or 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     retried = envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success")
     reply = chat(running, prompt_cache_key=key)
@@ -199,17 +199,8 @@ def test_when_every_replica_is_full_the_client_gets_the_429(one_slot_replicas: S
 
 def healthy_hosts(running: Stack, address_suffix: str) -> list[str]:
     """Envoy's clusters in which the replica at `...address_suffix` is healthy."""
-    text = httpx.get(f"http://127.0.0.1:{running.ports.admin}/clusters", timeout=10).text
-    return [
-        line.split("::")[0]
-        for line in text.splitlines()
-        if line.endswith("::health_flags::healthy") and line.split("::")[1].endswith(address_suffix)
-    ]
-
-
-def stack_metric(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    healthy = stack.healthy_replicas(running.ports.admin)
+    return [cluster for cluster, addresses in healthy.items() if any(a.endswith(address_suffix) for a in addresses)]
 
 
 @pytest.fixture

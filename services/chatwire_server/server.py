@@ -39,6 +39,11 @@ GRPC_OPTIONS = [
 ]
 
 
+def default_replica_name(port: int) -> str:
+    """What a server answers in `x-chatwire-replica` unless CHATWIRE_REPLICA names it: host name and port."""
+    return f"{socket.gethostname()}:{port}"
+
+
 async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0.1", metrics_port: int = 9464) -> None:
     """Load the models, serve until SIGTERM/SIGINT, then drain."""
     authenticator = Authenticator.from_environment()
@@ -58,7 +63,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         tokens_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_TPM", "0")),
     )
     # Replicas tell callers (and the edge's access log) which of them answered: a pod's name in Kubernetes.
-    replica = os.environ.get("CHATWIRE_REPLICA") or f"{socket.gethostname()}:{port}"
+    replica = os.environ.get("CHATWIRE_REPLICA") or default_replica_name(port)
     servicer = ChatServicer(registry, authenticator, limiter, replica=replica)
     rpc.add_servicer(chat_service_pb2_grpc.add_ChatServiceServicer_to_server, servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -188,26 +188,35 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
     raise TimeoutError(f"envoy not ready after {timeout:.0f}s")
 
 
+def healthy_replicas(admin_port: int) -> dict[str, list[str]]:
+    """Per Envoy cluster, the addresses of the replicas its health checks pass (from the admin `/clusters`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as reply:
+        lines = reply.read().decode().splitlines()
+    healthy: dict[str, list[str]] = {}
+    for line in lines:  # host lines: cluster::address::health_flags::healthy (or the flags that fail it)
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "health_flags":
+            cluster, address, _, flags = parts
+            healthy.setdefault(cluster, [])
+            if flags == "healthy":
+                healthy[cluster].append(address)
+    return healthy
+
+
 def wait_for_replicas(
     admin_port: int, count: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S
 ) -> None:
     """Block until Envoy's health checks have passed for `count` replicas in each of its clusters (a replica
     joins the balancing only then)."""
     deadline = time.monotonic() + timeout
-    healthy: dict[str, int] = {}
+    healthy: dict[str, list[str]] = {}
     while time.monotonic() < deadline:
         _fail_if_exited(process, "envoy")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as reply:
-                lines = reply.read().decode().splitlines()
+            healthy = healthy_replicas(admin_port)
         except OSError:
-            lines = []
-        healthy = {}
-        for line in lines:
-            cluster, *_, field, value = line.split("::")
-            if field == "health_flags":
-                healthy[cluster] = healthy.get(cluster, 0) + (value == "healthy")
-        if healthy and all(n >= count for n in healthy.values()):
+            healthy = {}
+        if healthy and all(len(addresses) >= count for addresses in healthy.values()):
             # Seen here: a burst in the first second after the admin API shows every replica healthy still
             # lands on two replicas of three; a second later it spreads evenly (Envoy's worker threads get
             # host updates after its main thread).

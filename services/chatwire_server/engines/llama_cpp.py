@@ -224,12 +224,13 @@ class LlamaCppEngine:
     def stats(self) -> dict[str, int]:
         """Scheduler state for metrics, read without the lock: each figure is one read of the scheduler's lists,
         at worst a step old."""
+        in_flight = self._jobs_in_flight()
         return {
             "queued_requests": len(self._queue),
             "running_sequences": len(self._running) + len(self._prefilling),
-            "running_requests": len(self._jobs_in_flight()),
+            "running_requests": len(in_flight),
             "cached_prefixes": len(self._prefix_cache),
-            "kv_cells_used": self._live_cells(),
+            "kv_cells_used": self._live_cells(in_flight),
             "kv_cells_capacity": self._cell_capacity(),
             "steps": self._steps,
         }
