@@ -172,3 +172,58 @@ def test_reply_parser_parallel_calls_and_a_cut_tail() -> None:
     assert [p.index for p in pieces if isinstance(p, ToolCallStart)] == [0, 1]
     assert not [p for p in pieces if isinstance(p, ContentPiece)]
     assert parse_reply(["a < b and <tool"]) == [ContentPiece("a < b and "), ContentPiece("<tool")]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        # OpenAI's own shape (also chatwire's and llama-server's): message, param and code kept.
+        (
+            400,
+            {"error": {"message": "bad", "type": "invalid_request_error", "param": "top_p", "code": "x"}},
+            (400, "bad", "top_p", "x"),
+        ),
+        # vLLM's older flat shape, its HTTP status in `code`: dropped, not a string.
+        (
+            400,
+            {"object": "error", "message": "too long", "type": "BadRequestError", "param": None, "code": 400},
+            (400, "too long", None, None),
+        ),
+        (
+            422,
+            {"error": "Input validation error", "error_type": "validation"},
+            (400, "Input validation error", None, None),
+        ),  # TGI
+        (429, {"error": {"message": "busy"}}, (429, "busy", None, "rate_limit_exceeded")),
+        (401, {"error": {"message": "wrong key sk-..."}}, (502, None, None, "upstream_error")),
+        (503, "no healthy upstream", (502, None, None, "upstream_error")),
+    ],
+)
+def test_upstream_errors_mapped(status: int, body: object, expected: tuple[int, str | None, str | None, str]) -> None:
+    from chatwire_server.engines.openai_upstream import error_from_upstream
+
+    error = error_from_upstream(status, body, {"retry-after": "7"})
+    http = {"INVALID_ARGUMENT": 400, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 502}[error.status.name]
+    message = expected[1] or f"The upstream server failed the request (HTTP {status})."
+    assert (http, error.message, error.param, error.code) == (expected[0], message, expected[2], expected[3])
+    if status == 429:
+        assert ("retry-after", "7") in error.metadata
+    assert "sk-" not in error.message  # an upstream's own 4xx/5xx text about its credentials is not shown
+
+
+def test_relayed_request_is_the_json_the_client_sent() -> None:
+    from google.protobuf import json_format
+
+    from chatwire.v1 import chat_completion_pb2 as pb
+    from chatwire_server.convert import relay_request_from_proto
+
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],
+        "seed": 12345678901,
+        "temperature": 0.25,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"maxItems": 3, "x": 1.5}}}],
+        "logit_bias": {"5": -100},
+    }
+    request = json_format.ParseDict(body, pb.CreateChatCompletionRequest())
+    assert relay_request_from_proto(request) == body

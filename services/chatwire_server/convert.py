@@ -17,7 +17,7 @@ from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
 from chatwire_server import structured
 from chatwire_server.domain import ChatMessage, ChatRequest, Constraint, Finished, SamplingParams, TokenLogprob
-from chatwire_server.errors import InvalidRequestError, quote
+from chatwire_server.errors import InvalidRequestError, UpstreamError, quote
 from chatwire_server.registry import ModelEntry
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -33,25 +33,7 @@ _TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() takes "Â
 
 def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequest:
     """Validate a request and turn it into the domain model."""
-    if not request.model:
-        raise InvalidRequestError("you must provide a model parameter", param="model")
-    if not request.messages:
-        raise InvalidRequestError(
-            "'messages' must be a non-empty array of messages", param="messages", code="empty_array"
-        )
-    if len(request.messages) > MAX_MESSAGES:
-        raise InvalidRequestError(
-            f"Invalid 'messages': at most {MAX_MESSAGES} messages are allowed, got {len(request.messages)}.",
-            param="messages",
-            code="array_above_max_length",
-        )
-    parts = sum(len(m.content.list_value.values) for m in request.messages if m.content.HasField("list_value"))
-    if parts > MAX_CONTENT_PARTS:
-        raise InvalidRequestError(
-            f"Invalid 'messages': at most {MAX_CONTENT_PARTS} content parts are allowed in all, got {parts}.",
-            param="messages",
-            code="array_above_max_length",
-        )
+    _check_bounds(request)
     _reject_unsupported(request)
     _check_accepted_fields(request)
     messages = _messages_from_proto(request.messages)
@@ -86,6 +68,64 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
     )
 
 
+def relay_request_from_proto(request: pb.CreateChatCompletionRequest) -> dict[str, Any]:
+    """Check what chatwire answers for whichever engine serves the model (OpenAI's types, ranges and enums, and
+    the bounds on one request's size), and give the request back as the OpenAI JSON it came as, for a server
+    that decides the rest: the content parts its model reads (images, audio), its tools and response formats."""
+    _check_bounds(request)
+    for i, message in enumerate(request.messages):
+        _check_role(f"messages[{i}]", message)
+    _check_accepted_fields(request)
+    _sampling_from_proto(request)
+    _int_in_range(request, "n", 1, 128, default=1)
+    _top_logprobs(request)
+    body = _plain_json(json_format.MessageToDict(request, preserving_proto_field_name=True))
+    if "seed" in body:  # protobuf prints int64 fields as strings
+        body["seed"] = int(body["seed"])
+    return body
+
+
+def _plain_json(value: Any) -> Any:
+    """Whole numbers as ints: protobuf keeps every JSON number of a Struct or Value (a tool's `maxItems`) as a
+    double."""
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _check_bounds(request: pb.CreateChatCompletionRequest) -> None:
+    """A model, messages, and no more messages, content parts or tools than any served request needs."""
+    if not request.model:
+        raise InvalidRequestError("you must provide a model parameter", param="model")
+    if not request.messages:
+        raise InvalidRequestError(
+            "'messages' must be a non-empty array of messages", param="messages", code="empty_array"
+        )
+    if len(request.messages) > MAX_MESSAGES:
+        raise InvalidRequestError(
+            f"Invalid 'messages': at most {MAX_MESSAGES} messages are allowed, got {len(request.messages)}.",
+            param="messages",
+            code="array_above_max_length",
+        )
+    parts = sum(len(m.content.list_value.values) for m in request.messages if m.content.HasField("list_value"))
+    if parts > MAX_CONTENT_PARTS:
+        raise InvalidRequestError(
+            f"Invalid 'messages': at most {MAX_CONTENT_PARTS} content parts are allowed in all, got {parts}.",
+            param="messages",
+            code="array_above_max_length",
+        )
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidRequestError(
+            f"Invalid 'tools': at most {MAX_TOOLS} tools are allowed, got {len(request.tools)}.",
+            param="tools",
+            code="array_above_max_length",
+        )
+
+
 def _messages_from_proto(messages: Sequence[pb.ChatCompletionRequestMessage]) -> tuple[ChatMessage, ...]:
     """Every message, with tool messages checked against the tool calls made before them."""
     converted: list[ChatMessage] = []
@@ -112,12 +152,6 @@ def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[Cha
 
 
 def _tools(request: pb.CreateChatCompletionRequest) -> list[structured.Tool]:
-    if len(request.tools) > MAX_TOOLS:
-        raise InvalidRequestError(
-            f"Invalid 'tools': at most {MAX_TOOLS} tools are allowed, got {len(request.tools)}.",
-            param="tools",
-            code="array_above_max_length",
-        )
     tools: list[structured.Tool] = []
     for i, tool in enumerate(request.tools):
         where = f"tools[{i}]"
@@ -301,12 +335,7 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
 
 def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) -> ChatMessage:
     where = f"messages[{index}]"
-    if message.role not in ROLES:
-        raise InvalidRequestError(
-            f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}; got '{quote(message.role)}'.",
-            param=f"{where}.role",
-            code="invalid_value",
-        )
+    _check_role(where, message)
     content = _content_text(where, message)
     if message.role == "tool" and not message.tool_call_id:
         raise InvalidRequestError(
@@ -322,6 +351,15 @@ def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) ->
         name=message.name if message.HasField("name") else None,
         tool_call_id=message.tool_call_id if message.HasField("tool_call_id") else None,
     )
+
+
+def _check_role(where: str, message: pb.ChatCompletionRequestMessage) -> None:
+    if message.role not in ROLES:
+        raise InvalidRequestError(
+            f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}; got '{quote(message.role)}'.",
+            param=f"{where}.role",
+            code="invalid_value",
+        )
 
 
 def _content_text(where: str, message: pb.ChatCompletionRequestMessage) -> str | None:
@@ -602,6 +640,51 @@ def _token_logprob(token: TokenLogprob) -> dict[str, object]:
             for piece, logprob in token.top
         ],
     }
+
+
+def relayed_response_to_proto(reply: dict[str, Any], model: str) -> pb.CreateChatCompletionResponse:
+    """An upstream server's completion as ours, named by the model id the client asked for. Fields we do not
+    know (vendor extensions such as `reasoning_content`) are dropped; the keys OpenAI requires are filled."""
+    response = _parse_relayed(reply, pb.CreateChatCompletionResponse())
+    response.model, response.object = model, "chat.completion"
+    for choice in response.choices:
+        if not choice.HasField("logprobs"):
+            choice.logprobs.CopyFrom(NULL)
+        message = choice.message
+        message.role = message.role or "assistant"
+        for key in ("content", "refusal"):
+            if not message.HasField(key):
+                getattr(message, key).CopyFrom(NULL)
+    return response
+
+
+def relayed_chunk_to_proto(chunk: dict[str, Any], model: str) -> pb.CreateChatCompletionStreamResponse:
+    """An upstream server's stream chunk as ours (see `relayed_response_to_proto`)."""
+    response = _parse_relayed(chunk, pb.CreateChatCompletionStreamResponse())
+    response.model, response.object = model, "chat.completion.chunk"
+    for choice in response.choices:
+        if not choice.HasField("finish_reason"):
+            choice.finish_reason.CopyFrom(NULL)
+    return response
+
+
+def relayed_usage(usage: Any) -> tuple[int, int, int]:
+    """Prompt, cached and completion tokens of an upstream's `usage` (zeros where it gave none)."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+
+    def count(value: Any) -> int:
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    return count(usage.get("prompt_tokens")), count(cached), count(usage.get("completion_tokens"))
+
+
+def _parse_relayed(data: dict[str, Any], message: Any) -> Any:
+    try:
+        return json_format.ParseDict(data, message, ignore_unknown_fields=True)
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        raise UpstreamError("The upstream server's reply is not a valid chat completion.") from exc
 
 
 def model_to_proto(entry: ModelEntry) -> models_pb2.Model:

@@ -114,6 +114,18 @@ class ServiceUnavailableError(ChatwireError):
     error_type = "server_error"
 
 
+class UpstreamError(ChatwireError):
+    """The server a model is forwarded to (engine `openai`) failed, could not be reached, or timed out: HTTP 502,
+    503 or 504 (the edge sets the HTTP status from `HTTP_STATUS_METADATA_KEY`), gRPC UNAVAILABLE."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, http_status: int = 502) -> None:
+        super().__init__(message, code="upstream_error", metadata=[(HTTP_STATUS_METADATA_KEY, str(http_status))])
+        self.http_status = http_status
+
+
 class InternalError(ChatwireError):
     """A fault in the server (HTTP 500). The message never carries internals."""
 
@@ -123,6 +135,9 @@ class InternalError(ChatwireError):
 
 # Trailing metadata key carrying the OpenAI error body; the Envoy edge turns it into the HTTP body.
 ERROR_METADATA_KEY = "x-chatwire-error"
+# The HTTP status the edge answers for an error whose gRPC status alone would say otherwise (UNAVAILABLE is 503;
+# an upstream's failure is 502 and its time-out 504).
+HTTP_STATUS_METADATA_KEY = "x-chatwire-http-status"
 # On errors where this replica cannot take the request now but another may (its queue is full, its engine is
 # restarting), before any work: the edge retries the request once on another replica.
 TRY_ANOTHER_REPLICA = ("x-chatwire-retry-elsewhere", "1")

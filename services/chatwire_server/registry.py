@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chatwire_server import metrics
-from chatwire_server.engines.base import Engine
+from chatwire_server.engines.base import Engine, RelayEngine
 from chatwire_server.engines.worker import WorkerEngine
 from chatwire_server.errors import ModelNotFoundError
 
@@ -38,6 +38,17 @@ ENGINE_FACTORIES: dict[str, Callable[[dict[str, Any]], Engine]] = {
 }
 
 
+def _openai_engine(model_id: str, settings: dict[str, Any]) -> RelayEngine:
+    from chatwire_server.engines.openai_upstream import OpenAIUpstreamEngine
+
+    return OpenAIUpstreamEngine.from_settings(model_id, settings)
+
+
+# Engine kinds that forward to other servers: they wait on the network, not the CPU, so they run in the
+# server's own event loop rather than a worker process.
+RELAY_FACTORIES: dict[str, Callable[[str, dict[str, Any]], RelayEngine]] = {"openai": _openai_engine}
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One served model."""
@@ -45,7 +56,7 @@ class ModelEntry:
     id: str
     owned_by: str
     created: int
-    engine: Engine
+    engine: Engine | RelayEngine
 
 
 class ModelRegistry:
@@ -57,16 +68,20 @@ class ModelRegistry:
     @classmethod
     def from_config(cls, path: Path) -> ModelRegistry:
         """Load every model listed in `path` (see config/models.toml for the format). Each engine runs in a
-        worker process of its own (see `engines.worker`) unless the entry says `in_process = true`."""
+        worker process of its own (see `engines.worker`) unless the entry says `in_process = true`; engines that
+        forward to other servers (`RELAY_FACTORIES`) always run in the server."""
         config = tomllib.loads(path.read_text())
         entries = []
         for model in config.get("models", []):
             kind = model["engine"]
-            if kind not in ENGINE_FACTORIES:
+            if kind not in ENGINE_FACTORIES and kind not in RELAY_FACTORIES:
                 raise ValueError(f"{path}: model {model['id']!r} names unknown engine {kind!r}")
             started = time.monotonic()
             settings = model.get("settings", {})
-            if model.get("in_process", False):
+            engine: Engine | RelayEngine
+            if kind in RELAY_FACTORIES:
+                engine = RELAY_FACTORIES[kind](model["id"], settings)
+            elif model.get("in_process", False):
                 engine = ENGINE_FACTORIES[kind](settings)
             else:
                 engine = WorkerEngine(model["id"], kind, settings, metrics.ENGINE_RESTARTS.labels(model["id"]).inc)

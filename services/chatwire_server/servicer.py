@@ -17,6 +17,7 @@ from chatwire.v1 import chat_service_pb2_grpc, models_pb2
 from chatwire_server import convert, metrics, rpc
 from chatwire_server.auth import Authenticator
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
+from chatwire_server.engines.base import RelayEngine
 from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
@@ -57,6 +58,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateChatCompletionResponse:
+        if relay := self._relay_for(request):
+            return await self._relay_completion(relay, request)
         chat = await _validated(request)
         texts: list[list[str]] = [[] for _ in range(chat.n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(chat.n)]
@@ -91,6 +94,10 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
+        if relay := self._relay_for(request):
+            async for relayed in self._relay_stream(relay, request, context):
+                yield relayed
+            return
         chat = await _validated(request)
         completion_id, created = _completion_id(), int(time.time())
 
@@ -143,6 +150,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def _generate(self, chat: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events for `chat`, with time to first token and token counts recorded."""
         engine = self._registry.get(chat.model).engine
+        assert not isinstance(engine, RelayEngine), "relayed models take the _relay_* path"
         started = time.monotonic()
         waiting_for_first = True
         finished: list[Finished] = []
@@ -155,12 +163,55 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                     finished.append(event)
                 yield event
         if finished:
-            self._limiter.spend(
-                rpc.CALLER_KEY.get(), finished[0].prompt_tokens + sum(f.completion_tokens for f in finished)
+            self._count_tokens(
+                chat.model,
+                finished[0].prompt_tokens,
+                finished[0].cached_tokens,
+                sum(f.completion_tokens for f in finished),
             )
-            metrics.PROMPT_TOKENS.labels(chat.model).inc(finished[0].prompt_tokens)
-            metrics.CACHED_TOKENS.labels(chat.model).inc(finished[0].cached_tokens)
-            metrics.COMPLETION_TOKENS.labels(chat.model).inc(sum(f.completion_tokens for f in finished))
+
+    def _count_tokens(self, model: str, prompt: int, cached: int, completion: int) -> None:
+        """Charge the caller's token allowance and count the tokens in the metrics."""
+        self._limiter.spend(rpc.CALLER_KEY.get(), prompt + completion)
+        metrics.PROMPT_TOKENS.labels(model).inc(prompt)
+        metrics.CACHED_TOKENS.labels(model).inc(cached)
+        metrics.COMPLETION_TOKENS.labels(model).inc(completion)
+
+    def _relay_for(self, request: pb.CreateChatCompletionRequest) -> RelayEngine | None:
+        """The engine of the requested model if it forwards to another server (else validation decides)."""
+        if isinstance(request, pb.CreateChatCompletionRequest) and request.model in self._registry:
+            engine = self._registry.get(request.model).engine
+            if isinstance(engine, RelayEngine):
+                return engine
+        return None
+
+    async def _relay_completion(
+        self, relay: RelayEngine, request: pb.CreateChatCompletionRequest
+    ) -> pb.CreateChatCompletionResponse:
+        body = await asyncio.to_thread(convert.relay_request_from_proto, request)
+        reply = await relay.complete(body)
+        response = convert.relayed_response_to_proto(reply, request.model)
+        self._count_tokens(request.model, *convert.relayed_usage(reply.get("usage")))
+        return response
+
+    async def _relay_stream(
+        self, relay: RelayEngine, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
+        """The upstream's chunks as they arrive; its usage chunk only if the client asked for usage."""
+        body = await asyncio.to_thread(convert.relay_request_from_proto, request)
+        started, waiting_for_first = time.monotonic(), True
+        async with aclosing(relay.stream(body)) as chunks:
+            async for chunk in chunks:
+                if "usage" in chunk and chunk["usage"] and not chunk.get("choices"):
+                    self._count_tokens(request.model, *convert.relayed_usage(chunk["usage"]))
+                    if not request.stream_options.include_usage:
+                        continue
+                elif waiting_for_first and _has_output(chunk):
+                    metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
+                    waiting_for_first = False
+                yield convert.relayed_chunk_to_proto(chunk, request.model)
+        if rpc.wants_sse(context):
+            yield rpc.SSE_DONE_SENTINEL
 
     @rpc.unary_errors
     async def ListModels(
@@ -181,6 +232,12 @@ async def _validated(request: pb.CreateChatCompletionRequest) -> ChatRequest:
     """The request checked and converted off the event loop: a large one (many messages, a big schema to
     compile) must not hold up the streams of everyone else."""
     return await asyncio.to_thread(convert.chat_request_from_proto, request)
+
+
+def _has_output(chunk: dict[str, Any]) -> bool:
+    """Whether a relayed chunk carries generated text or tool calls (not only the role that opens a stream)."""
+    deltas = (c.get("delta") for c in chunk.get("choices") or () if isinstance(c, dict))
+    return any(isinstance(d, dict) and (d.get("content") or d.get("tool_calls") or d.get("refusal")) for d in deltas)
 
 
 def _completion_id() -> str:

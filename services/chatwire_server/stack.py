@@ -290,6 +290,7 @@ def main() -> None:
     grpc_port = int(os.environ.get("CHATWIRE_GRPC_PORT", "50051"))
     metrics_port = int(os.environ.get("CHATWIRE_METRICS_PORT", "9464"))
     replicas = int(os.environ.get("CHATWIRE_REPLICAS", "1"))
+    config = Path(os.environ.get("CHATWIRE_CONFIG", DEFAULT_CONFIG))
     if replicas < 1:
         raise SystemExit(f"CHATWIRE_REPLICAS must be 1 or more, not {replicas}")
     # Replica i (from 0) listens on the gRPC and metrics ports + i.
@@ -312,7 +313,9 @@ def main() -> None:
 
     # Children log straight to this terminal.
     def server_starter(grpc: int, metrics: int) -> Callable[[], subprocess.Popen[bytes]]:
-        return lambda: start_server(grpc, sys.stdout.buffer, metrics_port=metrics, env=replica_env(replicas))
+        return lambda: start_server(
+            grpc, sys.stdout.buffer, config=config, metrics_port=metrics, env=replica_env(replicas)
+        )
 
     def new_envoy() -> subprocess.Popen[bytes]:
         return start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from chatwire_server.domain import ChatRequest, EngineEvent
 
@@ -38,4 +38,28 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop generating and free the model."""
+        ...
+
+
+@runtime_checkable
+class RelayEngine(Protocol):
+    """Serves a model by passing OpenAI requests on to another server (see `engines.openai_upstream`). It takes
+    and gives OpenAI JSON, not `ChatRequest`s: every field and content part the other server reads must reach it,
+    and its replies (tool calls, logprobs, refusals) come back as it wrote them."""
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion of `body`."""
+        ...
+
+    def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """The chunks of `body`'s completion as they come, the last one with usage. Closing the generator early
+        must stop the other server's generation."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """As `Engine.stats`."""
+        ...
+
+    async def close(self) -> None:
+        """Close its connections."""
         ...
