@@ -70,7 +70,7 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 run: $(SERVING) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
-	$(PY) -m chatwire_server.stack
+	$(PY) -m chatwire_server.edge.stack
 
 test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint

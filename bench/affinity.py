@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from chatwire_server import stack
+from chatwire_server.edge import stack
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "results.json"

@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import resolve_model_path
 from workloads import (
     OVERHEAD,

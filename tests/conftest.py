@@ -21,7 +21,7 @@ import pytest
 from referencing import Registry, Resource
 
 from chatwire.v1 import chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from chatwire_server.server import default_replica_name
 
 MODEL = "smollm2-135m-instruct"

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, run_stack
 
 PLAIN_KEY = "sk-plain-test-key-1"
@@ -29,7 +29,7 @@ HELLO = [{"role": "user", "content": "Hi"}]
 def keys_file_line(key: str) -> str:
     """The keys-file line for `key`, from the command the README gives operators."""
     return subprocess.run(
-        [sys.executable, "-m", "chatwire_server.auth"],
+        [sys.executable, "-m", "chatwire_server.api.auth"],
         input=key,
         capture_output=True,
         text=True,

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from chatwire_server import server, stack
+from chatwire_server import server
+from chatwire_server.edge import stack
 
 REPO = Path(__file__).resolve().parents[1]
 # The Compose specification's schema (draft 2019-09); `make test` extracts it from PyPI's docker-compose

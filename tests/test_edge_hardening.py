@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc, models_pb2
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, parse_sse, run_envoy
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -603,7 +603,7 @@ def test_make_run_restarts_what_dies_and_stops_cleanly(tmp_path: Path) -> None:
     log_path = tmp_path / "stack.log"
     with log_path.open("wb") as log:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "chatwire_server.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "chatwire_server.edge.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     seen: set[int] = set()
 

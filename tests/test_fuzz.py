@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 
 import fuzzing as fz
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import Stack, run_stack
 
 pytestmark = pytest.mark.fuzz

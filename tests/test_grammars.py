@@ -13,8 +13,9 @@ import pytest
 from llguidance import LLMatcher, LLTokenizer
 from llguidance.llamacpp import lltokenizer_from_vocab
 
-from chatwire_server import stack, structured
+from chatwire_server import structured
 from chatwire_server.domain import Constraint
+from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import resolve_model_path
 from chatwire_server.errors import InvalidRequestError
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, run_envoy
 
 USER = [{"role": "user", "content": "Hi"}]

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, engine_workers, run_stack
 
 
@@ -83,7 +83,7 @@ def test_server_refuses_to_start_with_a_broken_config(tmp_path: Path, entry: str
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop_signal: signal.Signals) -> None:
-    """`make run` is `python -m chatwire_server.stack`: it serves on the configured ports and cleans up."""
+    """`make run` is `python -m chatwire_server.edge.stack`: it serves on the configured ports and cleans up."""
     ports = stack.Ports(
         http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
     )
@@ -97,7 +97,7 @@ def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "chatwire_server.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "chatwire_server.edge.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             deadline = time.monotonic() + 60

@@ -20,7 +20,7 @@ import grpc
 import jsonschema
 import pytest
 
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, _dump_logs, assert_valid, metric, run_server
 
 ROOT = Path(__file__).resolve().parents[1]

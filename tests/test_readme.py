@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import Stack, assert_valid, parse_sse
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

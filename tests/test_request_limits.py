@@ -25,8 +25,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
-from chatwire_server import convert, stack, structured
+from chatwire_server import structured
+from chatwire_server.api import convert
 from chatwire_server.domain import ChatMessage
+from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine, resolve_model_path
 from chatwire_server.errors import InvalidRequestError
 from conftest import MODEL, Stack, assert_valid, engine_workers, parse_sse, run_stack

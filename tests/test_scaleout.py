@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
 
 pytestmark = pytest.mark.scaleout

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, run_stack
 
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, engine_workers, parse_sse, run_envoy, run_server, run_stack
 
 FAILING = "scripted-failing"

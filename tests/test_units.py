@@ -215,7 +215,7 @@ def test_relayed_request_is_the_json_the_client_sent() -> None:
     from google.protobuf import json_format
 
     from chatwire.v1 import chat_completion_pb2 as pb
-    from chatwire_server.convert import relay_request_from_proto
+    from chatwire_server.api.convert import relay_request_from_proto
 
     body = {
         "model": "m",

@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
-from chatwire_server import stack
+from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import resolve_model_path
 from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
 

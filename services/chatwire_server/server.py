@@ -16,11 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
-from chatwire_server import logs, metrics, rpc
-from chatwire_server.auth import Authenticator
-from chatwire_server.ratelimit import RateLimiter
+from chatwire_server import logs, metrics
+from chatwire_server.api import rpc
+from chatwire_server.api.auth import Authenticator
+from chatwire_server.api.ratelimit import RateLimiter
+from chatwire_server.api.servicer import ChatServicer
 from chatwire_server.registry import ModelRegistry
-from chatwire_server.servicer import ChatServicer
 
 log = logging.getLogger(__name__)
 

@@ -154,7 +154,7 @@ class LlamaCppEngine:
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         self._settings = settings
 
-        # Replicas sharing one machine are each given their share of its cores (chatwire_server.stack).
+        # Replicas sharing one machine are each given their share of its cores (chatwire_server.edge.stack).
         threads = settings.n_threads or int(os.environ.get("CHATWIRE_ENGINE_THREADS", "0")) or os.cpu_count() or 1
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.kv_cells

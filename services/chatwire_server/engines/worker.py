@@ -35,6 +35,7 @@ from typing import Any
 
 from chatwire_server.domain import ChatRequest, EngineEvent
 from chatwire_server.engines.base import IDLE_STATS
+from chatwire_server.engines.kinds import ENGINE_FACTORIES
 from chatwire_server.errors import TRY_ANOTHER_REPLICA, ChatwireError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -295,9 +296,6 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 async def _serve_parent(conn: Connection, model: str) -> None:
-    # Imported here: the registry imports this module to build workers.
-    from chatwire_server.registry import ENGINE_FACTORIES
-
     kind, settings = conn.recv()
     try:
         engine = ENGINE_FACTORIES[kind](settings)

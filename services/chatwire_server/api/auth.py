@@ -2,7 +2,7 @@
 
 Keys come from CHATWIRE_API_KEYS (comma-separated, for development and tests) and/or the file named by
 CHATWIRE_API_KEYS_FILE, which holds only SHA-256 digests: `sha256:<hex>` per line, optionally followed by
-`models=<id>,<id>` to limit the key to those models (make the line with `python -m chatwire_server.auth`).
+`models=<id>,<id>` to limit the key to those models (make the line with `python -m chatwire_server.api.auth`).
 Only digests are kept in memory; presented keys are hashed and compared in constant time against every
 digest. Keys never reach the logs.
 """

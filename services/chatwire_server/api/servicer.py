@@ -14,11 +14,12 @@ import grpc
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-from chatwire_server import convert, metrics, rpc
-from chatwire_server.auth import Authenticator
+from chatwire_server import metrics
+from chatwire_server.api import convert, rpc
+from chatwire_server.api.auth import Authenticator
+from chatwire_server.api.ratelimit import RateLimiter
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
 from chatwire_server.engines.base import RelayEngine
-from chatwire_server.ratelimit import RateLimiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
 

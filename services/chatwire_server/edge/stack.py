@@ -1,6 +1,6 @@
 """Starts the whole stack (gRPC server replicas + Envoy edge) for `make run` and for the tests.
 
-`python -m chatwire_server.stack` serves the default model until Ctrl-C, on the ports named by
+`python -m chatwire_server.edge.stack` serves the default model until Ctrl-C, on the ports named by
 CHATWIRE_HTTP_PORT (8080), CHATWIRE_GRPC_PORT (50051) and CHATWIRE_ADMIN_PORT (9901); CHATWIRE_REPLICAS (1)
 servers sit behind the edge, replica i on the gRPC and metrics ports + i. It supervises every process: one that
 exits is started again (with back-off), while the others keep running.
@@ -25,7 +25,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
 DESCRIPTOR = REPO / "build" / "chatwire.pb"
 DEFAULT_CONFIG = REPO / "config" / "models.toml"
