@@ -187,7 +187,8 @@ def test_hostile_requests_get_a_400_quickly_and_stall_no_one(chatwire: Stack, st
         assert time.monotonic() - started < 10, f"{name} took {time.monotonic() - started:.1f}s"
     done = time.monotonic()
     gaps = [b - a for a, b in itertools.pairwise(stream_watch) if b < done]
-    assert gaps and max(gaps) < 2.0, f"the stream beside them stalled for {max(gaps):.1f}s"
+    # Unbounded work held streams for minutes (50,000 messages: over 60 s); 5 s leaves room for a noisy 2-core box.
+    assert gaps and max(gaps) < 5.0, f"the stream beside them stalled for {max(gaps):.1f}s"
 
 
 def test_echoed_values_are_cut_short(chatwire: Stack) -> None:

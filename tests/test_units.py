@@ -1,6 +1,10 @@
-"""Small pieces that need no server: stop-sequence matching and the spec validator itself."""
+"""Small pieces that need no server: stop-sequence matching, the spec validator itself, upstream error mapping,
+CPU counting."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +231,99 @@ def test_relayed_request_is_the_json_the_client_sent() -> None:
     }
     request = json_format.ParseDict(body, pb.CreateChatCompletionRequest())
     assert relay_request_from_proto(request) == body
+    # An empty string is still sent: protobuf keeps no trace of it, but servers require `arguments`.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    body["messages"] = [{"role": "assistant", "tool_calls": [call]}]
+    request = json_format.ParseDict(body, pb.CreateChatCompletionRequest())
+    assert relay_request_from_proto(request)["messages"] == body["messages"]
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path) -> None:
+    from chatwire_server.cpus import cgroup_cpu_quota, usable_cpus
+
+    # cgroup v2, a container limited to 1.5 CPUs: one engine thread, not one per core of the node.
+    (tmp_path / "v2" / "kubepods" / "pod1").mkdir(parents=True)
+    (tmp_path / "v2" / "kubepods" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "v2" / "kubepods" / "pod1" / "cpu.max").write_text("150000 100000\n")
+    self_v2 = tmp_path / "self-v2"
+    self_v2.write_text("0::/kubepods/pod1\n")
+    assert cgroup_cpu_quota(tmp_path / "v2", self_v2) == 1.5
+    assert usable_cpus(tmp_path / "v2", self_v2) == 1
+    # cgroup v1: the limit is on a parent of the process's group, in the cpu controller's hierarchy only.
+    (tmp_path / "v1" / "cpu" / "docker" / "c1").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "docker" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "c1" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "c1" / "cpu.cfs_period_us").write_text("100000\n")
+    self_v1 = tmp_path / "self-v1"
+    self_v1.write_text("4:memory:/elsewhere\n2:cpu,cpuacct:/docker/c1\n0::/\n")
+    assert cgroup_cpu_quota(tmp_path / "v1", self_v1) == 3.0
+    # No limit anywhere: the affinity mask decides.
+    self_v2.write_text("0::/\n")
+    assert cgroup_cpu_quota(tmp_path / "v2", self_v2) is None
+    assert usable_cpus(tmp_path / "v2", self_v2) == len(os.sched_getaffinity(0))
+
+
+def test_relayed_replies_where_servers_stray() -> None:
+    from chatwire_server.api.convert import relayed_chunk_to_proto, relayed_response_to_proto
+
+    reply = {
+        "id": 17,
+        "object": "chat.completion",
+        "created": 1795850073123,  # milliseconds
+        "model": "upstream-name",
+        "choices": [
+            {
+                "index": 0.0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}},
+                    "reasoning_content": "vendor extension",
+                },
+                "finish_reason": "tool_calls",
+                "logprobs": {"content": [{"token": "a", "logprob": float("-inf"), "bytes": [97], "top_logprobs": []}]},
+            }
+        ],
+        "usage": {"prompt_tokens": 3.0, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": None},
+    }
+    response = relayed_response_to_proto(reply, "ours")
+    assert (response.id, response.created, response.model) == ("17", 1795850073, "ours")
+    call = response.choices[0].message.tool_calls[0]
+    assert call.function.arguments == '{"a": 1}' and response.usage.prompt_tokens == 3
+    assert response.choices[0].logprobs.struct_value["content"][0]["logprob"] == -9999.0
+    chunk = relayed_chunk_to_proto({"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}}]}, "ours")
+    assert chunk.choices[0].finish_reason.WhichOneof("kind") == "null_value"  # OpenAI requires the key
+
+
+def test_upstream_stream_events() -> None:
+    import asyncio
+
+    import httpx
+
+    from chatwire_server.engines.openai_upstream import _event_chunk, _sse_data, error_from_upstream
+    from chatwire_server.errors import ChatwireError
+
+    # U+2028 inside a JSON string is not a line end (str.splitlines() says it is); CRLF split across reads is.
+    pieces = [b'data: {"a": "x\xe2\x80\xa8y"}\r', b"\n\r\ndata: 1\r\ndata: 2\r\n\r", b"\ndata: [DONE]\n\n"]
+
+    class Pieces(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for piece in pieces:
+                yield piece
+
+    async def events() -> list[str]:
+        return [data async for data in _sse_data(httpx.Response(200, stream=Pieces()))]
+
+    assert asyncio.run(events()) == ['{"a": "x\u2028y"}', "1\n2", "[DONE]"]
+    # Error events: OpenAI's shape, vLLM's (its status in `code`), and vLLM's older flat one.
+    for event, status in (
+        ('{"error": {"message": "m", "type": "invalid_request_error"}}', "INVALID_ARGUMENT"),
+        ('{"error": {"message": "m", "type": "BadRequestError", "code": 400}}', "INVALID_ARGUMENT"),
+        ('{"object": "error", "message": "m", "type": "ServiceUnavailableError", "code": 503}', "UNAVAILABLE"),
+    ):
+        with pytest.raises(ChatwireError) as caught:
+            _event_chunk(event)
+        assert caught.value.status.name == status
+    assert error_from_upstream(424, {"error": "generation failed"}, {}).metadata == [("x-chatwire-http-status", "502")]
+    assert error_from_upstream(408, "", {}).metadata == [("x-chatwire-http-status", "504")]

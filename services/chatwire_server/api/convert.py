@@ -6,6 +6,7 @@ Validation follows OpenAI's types and ranges; every failure names the offending 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -82,6 +83,10 @@ def relay_request_from_proto(request: pb.CreateChatCompletionRequest) -> dict[st
     body = _plain_json(json_format.MessageToDict(request, preserving_proto_field_name=True))
     if "seed" in body:  # protobuf prints int64 fields as strings
         body["seed"] = int(body["seed"])
+    for message in body["messages"]:
+        for call in message.get("tool_calls", ()):
+            # Protobuf drops empty strings; a call without arguments has `""`, which servers require.
+            call.setdefault("function", {}).setdefault("arguments", "")
     return body
 
 
@@ -680,7 +685,43 @@ def relayed_usage(usage: Any) -> tuple[int, int, int]:
     return count(usage.get("prompt_tokens")), count(cached), count(usage.get("completion_tokens"))
 
 
+# Whole numbers in replies; counts bounded by int32, `created` by uint32.
+_RELAYED_INTS = {
+    "index", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "audio_tokens",
+    "reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens", "start_index", "end_index",
+}  # fmt: skip
+
+
+def _tolerant(value: Any, key: str = "") -> Any:
+    """An upstream's reply made to fit the contract where servers are known to stray and the meaning is plain:
+    numbers as fractions or too large, `created` in milliseconds, a `logprob` of -Infinity, a numeric `id`, one
+    tool call not in a list, `arguments` as a JSON object rather than its text."""
+    if key == "arguments" and isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return {k: _tolerant(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tolerant(v, key) for v in value]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "created" and number and math.isfinite(value):
+        seconds = value / 1000 if value >= 2**32 else value  # milliseconds
+        return min(max(int(seconds), 0), 2**32 - 1)
+    if key in _RELAYED_INTS and number and math.isfinite(value):
+        return min(max(int(value), 0), 2**31 - 1)
+    if key == "logprob" and number and not math.isfinite(value):
+        return -9999.0  # what OpenAI reports for a token with no chance
+    if key == "id" and number:
+        return str(value)
+    return value
+
+
 def _parse_relayed(data: dict[str, Any], message: Any) -> Any:
+    data = _tolerant(data)
+    for choice in data.get("choices") or ():
+        for part in ("message", "delta"):
+            said = choice.get(part) if isinstance(choice, dict) else None
+            if isinstance(said, dict) and isinstance(said.get("tool_calls"), dict):
+                said["tool_calls"] = [said["tool_calls"]]
     try:
         return json_format.ParseDict(data, message, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, ValueError) as exc:

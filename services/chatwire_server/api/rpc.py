@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from functools import wraps
 from typing import Any, Protocol, TypeVar
 
@@ -185,23 +185,25 @@ def unary_errors(
 
 
 def stream_errors(
-    handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator[Response, None]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator[Response, None]]:
     """Log a streaming handler's calls and map every failure to a gRPC status with an OpenAI error body."""
 
     @wraps(handler)
-    async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+    async def wrapper(self: Service, request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Response, None]:
         with _request_record(handler.__name__, self.model_label(request), context) as record:
             started = False
             try:
                 if isinstance(request, Undecodable):
                     raise request.error()
                 record["key"], headers = self.admit(context, request)
-                async for response in handler(self, request, context):
-                    if not started:  # with the first chunk (see the unary wrapper)
-                        await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
-                    started = True
-                    yield response
+                # Closed on the way out whatever happens, so that the engine stops at once (not when collected).
+                async with contextlib.aclosing(handler(self, request, context)) as responses:
+                    async for response in responses:
+                        if not started:  # with the first chunk (see the unary wrapper)
+                            await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
+                        started = True
+                        yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

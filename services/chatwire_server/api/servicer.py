@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -94,10 +94,11 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     @rpc.stream_errors
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
+    ) -> AsyncGenerator[pb.CreateChatCompletionStreamResponse, None]:
         if relay := self._relay_for(request):
-            async for relayed in self._relay_stream(relay, request, context):
-                yield relayed
+            async with aclosing(self._relay_stream(relay, request, context)) as relayed_chunks:
+                async for relayed in relayed_chunks:
+                    yield relayed
             return
         chat = await _validated(request)
         completion_id, created = _completion_id(), int(time.time())
@@ -197,20 +198,26 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
 
     async def _relay_stream(
         self, relay: RelayEngine, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
-        """The upstream's chunks as they arrive; its usage chunk only if the client asked for usage."""
+    ) -> AsyncGenerator[pb.CreateChatCompletionStreamResponse, None]:
+        """The upstream's chunks as they arrive; usage only if the client asked for it. Tokens are counted from
+        the last usage the upstream sent (some send a running total on every chunk)."""
         body = await asyncio.to_thread(convert.relay_request_from_proto, request)
         started, waiting_for_first = time.monotonic(), True
+        usage = None
         async with aclosing(relay.stream(body)) as chunks:
             async for chunk in chunks:
-                if "usage" in chunk and chunk["usage"] and not chunk.get("choices"):
-                    self._count_tokens(request.model, *convert.relayed_usage(chunk["usage"]))
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
                     if not request.stream_options.include_usage:
-                        continue
-                elif waiting_for_first and _has_output(chunk):
+                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                        if not chunk.get("choices"):
+                            continue
+                if waiting_for_first and _has_output(chunk):
                     metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
                     waiting_for_first = False
                 yield convert.relayed_chunk_to_proto(chunk, request.model)
+        if usage:
+            self._count_tokens(request.model, *convert.relayed_usage(usage))
         if rpc.wants_sse(context):
             yield rpc.SSE_DONE_SENTINEL
 

@@ -25,6 +25,8 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatwire_server.cpus import usable_cpus
+
 REPO = Path(__file__).resolve().parents[3]
 ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
 DESCRIPTOR = REPO / "build" / "chatwire.pb"
@@ -123,9 +125,8 @@ def replica_env(replicas: int) -> dict[str, str]:
     cores slow each other down many times over."""
     if replicas == 1:
         return {}
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use, not all the machine has
     return {
-        "CHATWIRE_ENGINE_THREADS": str(max(1, cores // replicas)),
+        "CHATWIRE_ENGINE_THREADS": str(max(1, usable_cpus() // replicas)),
         # Envoy checks health every 2 s and drops a replica after two failures (its worker threads about a second
         # later): a draining one keeps serving that long after saying NOT_SERVING, so nothing is sent to it once
         # it refuses.

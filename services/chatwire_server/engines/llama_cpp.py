@@ -32,6 +32,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llguidance import LLMatcher
 from llguidance.llamacpp import lltokenizer_from_vocab
 
+from chatwire_server.cpus import usable_cpus
 from chatwire_server.domain import (
     ChatMessage,
     ChatRequest,
@@ -154,8 +155,9 @@ class LlamaCppEngine:
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         self._settings = settings
 
-        # Replicas sharing one machine are each given their share of its cores (chatwire_server.edge.stack).
-        threads = settings.n_threads or int(os.environ.get("CHATWIRE_ENGINE_THREADS", "0")) or os.cpu_count() or 1
+        # Replicas sharing one machine are each given their share of its cores (chatwire_server.edge.stack);
+        # otherwise one thread per CPU this process may use (not per core the machine has).
+        threads = settings.n_threads or int(os.environ.get("CHATWIRE_ENGINE_THREADS", "0")) or usable_cpus()
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.kv_cells
         ctx_params.n_batch = max(settings.prefill_chunk + settings.max_sequences, 512)

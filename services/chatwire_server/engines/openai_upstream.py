@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -34,10 +35,17 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # An upstream's error body is read up to this many bytes: enough for any error message, bounded against a
-# misbehaving server.
+# misbehaving server. A whole completion, up to MAX_REPLY_BODY.
 MAX_ERROR_BODY = 64 * 1024
+MAX_REPLY_BODY = 64 * 1024 * 1024
 # Statuses after which another upstream is tried: the upstream took no work (overloaded, down, restarting).
 FAIL_OVER_STATUSES = (429, 502, 503, 504)
+# Idle pooled connections are dropped sooner than the servers drop theirs (uvicorn, which vLLM, SGLang and
+# llama-cpp-python run on, after 5 s): a request never goes out on a connection the server is closing.
+KEEPALIVE_EXPIRY_S = 2.0
+# SSE lines end in CRLF, LF or CR, and only there: str.splitlines() would also split inside JSON strings at
+# U+2028, U+2029 or U+0085, which servers leave unescaped in the text they stream.
+_SSE_LINE_END = re.compile(r"\r\n|\n|\r")
 
 
 @dataclass
@@ -46,6 +54,10 @@ class _Upstream:
 
     # Its API root, e.g. `http://10.0.0.5:8000/v1`.
     url: str
+    # Its own connection pool: an upstream that hangs cannot take the connections of the others.
+    client: httpx.AsyncClient | None = None
+    # Requests sent to it and not yet finished (counted from before the connection: a unary reply's headers
+    # come only when it is complete).
     in_flight: int = 0
     # Until then (time.monotonic()) it is tried last: it refused a connection or answered 502/503/504.
     down_until: float = 0.0
@@ -65,18 +77,24 @@ class OpenAIUpstreamEngine:
         down_for_s: float = 10.0,
         max_connections: int = 256,
     ) -> None:
-        if not base_urls:
-            raise ValueError("engine openai needs at least one URL in `base_urls`")
+        if not base_urls or not all(isinstance(u, str) and re.match(r"https?://[^/]", u) for u in base_urls):
+            raise ValueError(f"engine openai needs `base_urls`, a list of http(s) URLs; got {base_urls!r}")
         self._model = model
         self._upstreams = [_Upstream(url.rstrip("/")) for url in base_urls]
-        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        # `timeout_s` bounds each silence: a unary reply's whole generation, or the gap between two chunks.
-        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # No compression: a compressing proxy on the way would hold chunks back.
+        self._headers = {"accept-encoding": "identity", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
+        # `timeout_s` bounds each silence: a unary reply's whole generation, or the gap between two chunks. A
+        # request that finds every pooled connection busy waits no longer than a connection attempt.
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=connect_timeout_s)
+        self._limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        )
+        self._max_connections = max_connections
         self._timeout_s = timeout_s
         self._down_for_s = down_for_s
         self._turn = itertools.count()
-        self._client: httpx.AsyncClient | None = None  # made on first use, inside the server's event loop
 
     @classmethod
     def from_settings(cls, model_id: str, settings: dict[str, Any]) -> OpenAIUpstreamEngine:
@@ -88,7 +106,7 @@ class OpenAIUpstreamEngine:
         urls = settings.get("base_urls") or ([settings["base_url"]] if "base_url" in settings else [])
         return cls(
             settings.get("model", model_id),
-            list(urls),
+            [urls] if isinstance(urls, str) else list(urls),
             api_key=api_key,
             connect_timeout_s=float(settings.get("connect_timeout_s", 5.0)),
             timeout_s=float(settings.get("timeout_s", 600.0)),
@@ -102,7 +120,7 @@ class OpenAIUpstreamEngine:
         upstream_body.pop("stream_options", None)  # OpenAI refuses it without `stream`
         async with self._open(upstream_body) as response:
             try:
-                reply = json.loads(await response.aread())
+                reply = json.loads(await _read_at_most(response, MAX_REPLY_BODY))
             except httpx.TimeoutException as exc:
                 raise self._timed_out() from exc
             except httpx.HTTPError as exc:
@@ -122,26 +140,20 @@ class OpenAIUpstreamEngine:
         unfinished = set(range(int(body.get("n", 1))))
         async with self._open(upstream_body) as response:
             try:
-                async for data in _sse_data(response):
-                    if data == "[DONE]":
-                        return
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError as exc:
-                        raise UpstreamError("The upstream server sent a chunk that is not JSON.") from exc
-                    if not isinstance(chunk, dict):
-                        raise UpstreamError("The upstream server sent a chunk that is not an object.")
-                    if "error" in chunk and "choices" not in chunk:  # the upstream's own error event
-                        raise error_from_upstream(_status_of_event(chunk), chunk, {})
-                    for choice in chunk.get("choices") or ():
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            unfinished.discard(choice.get("index"))
-                    yield chunk
+                async with contextlib.aclosing(_sse_data(response)) as events:
+                    async for data in events:
+                        if data == "[DONE]":
+                            continue  # read on to the body's end, so that the connection is kept for reuse
+                        chunk = _event_chunk(data)
+                        for choice in chunk.get("choices") or ():
+                            if isinstance(choice, dict) and choice.get("finish_reason"):
+                                unfinished.discard(choice.get("index"))
+                        yield chunk
             except httpx.TimeoutException as exc:
                 raise self._timed_out() from exc
             except httpx.HTTPError as exc:
                 raise UpstreamError("The upstream server's stream broke off.") from exc
-        if unfinished:  # the stream ended cleanly but without `[DONE]` and before every choice finished
+        if unfinished:  # the stream ended (with `[DONE]` or not) before every choice finished
             raise UpstreamError("The upstream server's stream ended before the reply did.")
 
     def stats(self) -> dict[str, int]:
@@ -149,44 +161,61 @@ class OpenAIUpstreamEngine:
         return {**IDLE_STATS, "running_requests": sum(u.in_flight for u in self._upstreams)}
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for upstream in self._upstreams:
+            if upstream.client is not None:
+                await upstream.client.aclose()
+
+    def _client(self, upstream: _Upstream) -> httpx.AsyncClient:
+        if upstream.client is None:  # made on first use, inside the server's event loop
+            # trust_env off: no proxy or .netrc from the server's environment applies to upstream calls.
+            upstream.client = httpx.AsyncClient(
+                timeout=self._timeout, limits=self._limits, headers=self._headers, trust_env=False
+            )
+        return upstream.client
 
     @contextlib.asynccontextmanager
     async def _open(self, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """A streaming response with status 200 from the first upstream that accepts `body`."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits, headers=self._headers)
         # What to report if every upstream fails: one that answered says more than one that could not be reached.
         answered: ChatwireError | None = None
+        busy = False
         for upstream in self._candidates():
-            request = self._client.build_request("POST", f"{upstream.url}/chat/completions", json=body)
-            try:
-                response = await self._client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing reached it: try the next
-                self._mark_down(upstream, f"cannot connect: {type(exc).__name__}")
-                continue
-            except httpx.TimeoutException as exc:
-                raise self._timed_out() from exc
-            except httpx.HTTPError as exc:  # it may have started work: not repeated elsewhere
-                raise UpstreamError("The upstream server broke off the connection.") from exc
-            if response.status_code != 200:
-                error_body = await _bounded_body(response)
-                await response.aclose()
-                error = error_from_upstream(response.status_code, error_body, response.headers)
-                if response.status_code not in FAIL_OVER_STATUSES:
-                    raise error
-                if response.status_code != 429:
-                    self._mark_down(upstream, f"answered {response.status_code}")
-                answered = error
-                continue
+            client = self._client(upstream)
+            request = client.build_request("POST", f"{upstream.url}/chat/completions", json=body)
             upstream.in_flight += 1
             try:
-                yield response
+                try:
+                    response = await client.send(request, stream=True)
+                except httpx.PoolTimeout:  # this server's own limit (max_connections): try the next
+                    busy = True
+                    continue
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing reached it: try the next
+                    self._mark_down(upstream, f"cannot connect: {type(exc).__name__}")
+                    continue
+                except httpx.TimeoutException as exc:
+                    raise self._timed_out() from exc
+                except httpx.HTTPError as exc:  # it may have started work: not repeated elsewhere
+                    raise UpstreamError("The upstream server broke off the connection.") from exc
+                try:
+                    if response.status_code != 200:
+                        error_body = await _bounded_body(response)
+                        error = error_from_upstream(response.status_code, error_body, response.headers)
+                        if response.status_code not in FAIL_OVER_STATUSES:
+                            raise error
+                        if response.status_code != 429:
+                            self._mark_down(upstream, f"answered {response.status_code}")
+                        answered = error
+                        continue
+                    yield response
+                    return
+                finally:
+                    await response.aclose()  # mid-body, this closes the connection: the upstream stops generating
             finally:
                 upstream.in_flight -= 1
-                await response.aclose()  # mid-body, this closes the connection: the upstream stops generating
-            return
+        if answered is None and busy:
+            answered = UpstreamError(
+                f"All {self._max_connections} connections to each upstream server are busy.", http_status=503
+            )
         raise answered or UpstreamError("The upstream server could not be reached.", http_status=503)
 
     def _candidates(self) -> list[_Upstream]:
@@ -206,24 +235,61 @@ class OpenAIUpstreamEngine:
         return UpstreamError(f"The upstream server did not answer within {self._timeout_s:g} s.", http_status=504)
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
+async def _sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
     """The `data` of each server-sent event, as soon as its blank line arrives."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            lines.append(line[5:].removeprefix(" "))
-        elif not line and lines:
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        yield "\n".join(lines)
+    data: list[str] = []
+    pending = ""
+    async for text in response.aiter_text():
+        text, held = pending + text, ""
+        if text.endswith("\r"):  # perhaps the first half of a CRLF: wait for the next piece
+            text, held = text[:-1], "\r"
+        *lines, pending = _SSE_LINE_END.split(text)
+        pending += held
+        for line in lines:
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line and data:
+                yield "\n".join(data)
+                data = []
+    if pending.strip("\r").startswith("data:"):
+        data.append(pending.strip("\r")[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _event_chunk(data: str) -> dict[str, Any]:
+    """One stream event as a chunk; the upstream's own error event (OpenAI's `{"error": ...}`, vLLM's older
+    `{"object": "error", ...}`) raised as our error."""
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise UpstreamError("The upstream server sent a chunk that is not JSON.") from exc
+    if not isinstance(chunk, dict):
+        raise UpstreamError("The upstream server sent a chunk that is not an object.")
+    if ("error" in chunk and "choices" not in chunk) or chunk.get("object") == "error":
+        raise error_from_upstream(_status_of_event(chunk), chunk, {})
+    return chunk
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    data = bytearray()
+    async for piece in response.aiter_bytes():
+        data += piece
+        if len(data) > limit:
+            raise UpstreamError(f"The upstream server's reply is larger than {limit // 2**20} MiB.")
+    return bytes(data)
 
 
 def _status_of_event(event: dict[str, Any]) -> int:
-    """The HTTP status a stream's error event stands for, by its OpenAI error type."""
-    error = event.get("error")
-    kind = error.get("type") if isinstance(error, dict) else None
-    return {"invalid_request_error": 400, "rate_limit_error": 429}.get(str(kind), 500)
+    """The HTTP status a stream's error event stands for: its `code` where that is one (vLLM, SGLang), else by
+    its OpenAI error type."""
+    error = event.get("error", event)
+    if not isinstance(error, dict):
+        return 500
+    code = error.get("code")
+    if isinstance(code, int) and 400 <= code <= 599:
+        return code
+    return {"invalid_request_error": 400, "rate_limit_error": 429}.get(str(error.get("type")), 500)
 
 
 async def _bounded_body(response: httpx.Response) -> Any:
@@ -257,7 +323,11 @@ def error_from_upstream(status: int, body: Any, headers: Any) -> ChatwireError:
         retry_after = headers.get("retry-after") if headers else None
         metadata = [("retry-after", retry_after)] if retry_after else []
         return RateLimitError(message, code=code or "rate_limit_exceeded", metadata=metadata)
-    if 400 <= status < 500 and status not in (401, 403, 404, 407):
+    if status == 408:
+        return UpstreamError(f"The upstream server timed out (HTTP {status}).", http_status=504)
+    # 424 is TGI's "the generation failed"; 401/403/404/407 mean this server's credentials, proxy or model
+    # mapping are wrong.
+    if 400 <= status < 500 and status not in (401, 403, 404, 407, 424):
         return InvalidRequestError(message, param=param, code=code)
     log.warning("upstream error", extra={"status": status, "upstream_message": quote(message, 500)})
     return UpstreamError(f"The upstream server failed the request (HTTP {status}).")
