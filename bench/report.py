@@ -160,6 +160,7 @@ def markdown(results: dict[str, Any]) -> str:
     if n4 and n4["choices_per_request"] < 4:
         notes.append("- llama_cpp.server ignores `n`: it returned one choice per request in the n4 workload.")
     lines += _affinity(results)
+    lines += _first_waves(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
@@ -191,6 +192,31 @@ def _affinity(results: dict[str, Any]) -> list[str]:
         "",
         f"Affinity evaluates {_ratio(least['evaluated_tokens'], keyed['evaluated_tokens'])} fewer prompt tokens "
         f"and cuts TTFT p50 to {_ratio(keyed['ttft_p50_ms'], least['ttft_p50_ms'], percent=True)}.",
+        "",
+    ]
+
+
+def _first_waves(results: dict[str, Any]) -> list[str]:
+    """The first requests after start-up (bench/first_waves.py)."""
+    run = results.get("first_waves")
+    if not run:
+        return []
+    rows = [
+        f"| {w['wave']} | {w['questions']} | {w['completed']} | {w['errors']} | {w['ttft_p50_ms']:.0f} | "
+        f"{w['ttft_p99_ms']:.0f} |"
+        for w in run["waves"]
+    ]
+    return [
+        "## The first requests after start-up",
+        "",
+        f"A fresh stack, {run['date']}: {run['start_to_serving_s']:.1f} s from starting the server to SERVING "
+        f"(model load), then waves of {run['workload']}, one after another, with no request before them. Waves "
+        "asking new questions show any first-time work (wave 1 against 2 and 3); a wave repeating earlier "
+        "questions shows the prefix cache. `python bench/first_waves.py` (part of `make bench`).",
+        "",
+        "| wave | questions | completed | errors | TTFT p50 ms | TTFT p99 ms |",
+        "|---:|---|---:|---:|---:|---:|",
+        *rows,
         "",
     ]
 

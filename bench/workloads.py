@@ -117,11 +117,16 @@ class Workload:
     n: int = 1
     max_tokens: int = MAX_TOKENS
     response_format: dict[str, Any] | None = None
+    # Another variant asks its questions in other words: no prompt is cached from a run of another variant.
+    variant: int = 0
 
     def messages(self, i: int) -> list[dict[str, str]]:
         if self.prompts == "same":
             return short_prompt(0)
-        return {"short": short_prompt, "long": long_prompt, "shared": shared_system_prompt}[self.prompts](i)
+        messages = {"short": short_prompt, "long": long_prompt, "shared": shared_system_prompt}[self.prompts](i)
+        if self.variant:
+            messages[-1] = {**messages[-1], "content": f"(Question set {self.variant}.) {messages[-1]['content']}"}
+        return messages
 
 
 WORKLOADS = [
