@@ -327,3 +327,29 @@ def test_upstream_stream_events() -> None:
         assert caught.value.status.name == status
     assert error_from_upstream(424, {"error": "generation failed"}, {}).metadata == [("x-chatwire-http-status", "502")]
     assert error_from_upstream(408, "", {}).metadata == [("x-chatwire-http-status", "504")]
+
+
+def test_thread_tuner_follows_the_faster_count() -> None:
+    from chatwire_server.engines.threads import ThreadTuner
+
+    tuner = ThreadTuner(2, probe_steps=4, first_probe_after=8, longest_wait=64)
+
+    def run(steps: int, ms: dict[int, float], batch: int = 1) -> list[int]:
+        used = []
+        for _ in range(steps):
+            threads = tuner.threads_for(batch)
+            used.append(threads)
+            tuner.record(batch, ms[threads] / 1000)
+        return used
+
+    quiet, noisy = {2: 12.0, 1: 20.0}, {2: 60.0, 1: 24.0}
+    used = run(200, quiet)
+    assert tuner.threads == 2 and used.count(1) < 0.1 * len(used)  # probes only, fewer as they keep losing
+    run(100, noisy)  # a neighbour takes a core: one thread is faster
+    assert tuner.threads == 1
+    run(300, quiet)  # it left: back to both
+    assert tuner.threads == 2
+    # Steps with a prompt in them are not compared, and a new batch size starts its measurements over.
+    assert tuner.threads_for(None) == 2
+    tuner.record(None, 5.0)
+    assert tuner.threads == 2

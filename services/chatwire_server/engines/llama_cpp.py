@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from chatwire_server.domain import (
     TextDelta,
     TokenLogprob,
 )
+from chatwire_server.engines.threads import ThreadTuner
 from chatwire_server.errors import TRY_ANOTHER_REPLICA, InvalidRequestError, RateLimitError, ServiceUnavailableError
 from chatwire_server.structured import GRAMMAR_LIMITS
 from chatwire_server.text import StopMatcher
@@ -70,8 +72,10 @@ class EngineSettings:
     max_completion_budget: int = 65536
     # Prompt tokens evaluated per step while other sequences decode: bounds how long a long prompt stalls them.
     prefill_chunk: int = 128
-    # llama.cpp threads; None means CHATWIRE_ENGINE_THREADS, else one per core.
+    # llama.cpp threads at most; None means CHATWIRE_ENGINE_THREADS, else one per usable CPU.
     n_threads: int | None = None
+    # Decode with fewer threads while that is faster (a neighbour took a core; see engines/threads.py).
+    adaptive_threads: bool = True
     # Tokens that finished requests leave cached for prefix reuse, least recently cached evicted first. Kept
     # small: attention runs over every cell up to the highest one in use, so cached cells slow every step.
     prefix_cache_tokens: int = 4096
@@ -169,6 +173,8 @@ class LlamaCppEngine:
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             raise ValueError("llama.cpp could not create a context")
+        self._tuner = ThreadTuner(threads)
+        self._threads_set = threads
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(ctx_params.n_batch, 0, 1)
         self._batch_capacity = int(ctx_params.n_batch)
@@ -432,6 +438,7 @@ class LlamaCppEngine:
             n = self._add_token(n, seq.next_token, seq.pos, seq.seq_id, logits=True)
             seq.pos += 1
             rows.append((seq, n - 1))
+        decoding = n
         # Beside running streams, prompts advance a chunk per step, so a long prompt never stalls them for long.
         # Alone, or when more requests wait for their first token than sequences decode (a burst of arrivals),
         # prompts take the whole batch: evaluating them together is faster, and the many outweigh the few.
@@ -457,7 +464,15 @@ class LlamaCppEngine:
         if n == 0:
             return
         self._batch.n_tokens = n
+        # The thread count is tuned on steps that only decode (their time depends on the batch size alone).
+        comparable = n if n == decoding else None
+        threads = self._tuner.threads_for(comparable) if self._settings.adaptive_threads else self._threads_set
+        if threads != self._threads_set:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self._threads_set = threads
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch)
+        self._tuner.record(comparable, time.perf_counter() - started)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         for owner, row in rows:
