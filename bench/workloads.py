@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 
 MAX_TOKENS = 64
-# SmolLM2's end-of-generation tokens (<|endoftext|> 0, <|im_end|> 2) banned: replies run to max_tokens.
-NO_END = {"0": -100, "2": -100}
+# SmolLM2's end-of-generation tokens (<|endoftext|> 0, <|im_end|> 2, and 4) banned: replies run to max_tokens.
+NO_END = {"0": -100, "2": -100, "4": -100}
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = [
     "Write a story about a lighthouse keeper.",

@@ -25,6 +25,10 @@ from chatwire_server.edge import stack
 from chatwire_server.server import default_replica_name
 
 MODEL = "smollm2-135m-instruct"
+# Every end-of-generation token of the model banned: a reply runs to max_tokens (banning <|im_end|> alone still
+# let a sampled <|endoftext|> end one now and then).
+NO_END_BIAS = {"0": -100, "2": -100, "4": -100}
+NO_END = {"logit_bias": NO_END_BIAS}
 SPEC = json.loads((Path(__file__).parent / "spec" / "chat_completions_schemas.json").read_text())
 _base_ids = itertools.count()
 

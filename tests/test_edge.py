@@ -9,11 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import MODEL, Stack, assert_valid, parse_sse, run_stack
+from conftest import MODEL, NO_END, Stack, assert_valid, parse_sse, run_stack
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 # Long replies: SmolLM2's end-of-turn token (id 2) is banned.
-NO_END = {"logit_bias": {"2": -100}}
 
 
 def records(path: object) -> list[dict[str, object]]:

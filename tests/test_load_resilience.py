@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from conftest import MODEL, Stack, parse_sse
+from conftest import MODEL, NO_END_BIAS, Stack, parse_sse
 
 HI = [{"role": "user", "content": "hi"}]
 # A generous liveness bound (the real figure is about 0.1 s): a request held up by the others would take minutes.
@@ -20,7 +20,7 @@ LIVENESS_S = 15.0
 def test_a_burst_beyond_capacity_is_served_whole_or_refused_at_once(chatwire: Stack) -> None:
     """200 streams at once, more than the 128 decode slots and 64 queue places: each is served whole (ending
     with `data: [DONE]`, no error event) or refused at once with a 429 and `Retry-After`."""
-    body = {"model": MODEL, "messages": HI, "max_tokens": 8, "stream": True, "logit_bias": {"2": -100}}
+    body = {"model": MODEL, "messages": HI, "max_tokens": 8, "stream": True, "logit_bias": NO_END_BIAS}
     url = f"{chatwire.base_url}/chat/completions"
     start = threading.Barrier(200)
 

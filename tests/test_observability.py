@@ -8,7 +8,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, Stack
+from conftest import MODEL, NO_END_BIAS, Stack
 
 
 def scrape(chatwire: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,7 +65,7 @@ def test_endpoint_picker_gauges_under_vllm_names(chatwire: Stack) -> None:
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
         assert f"# TYPE {name} gauge" in text
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "stream": True, "n": 2}
-    body["logit_bias"] = {"2": -100}  # no early end: the stream runs while we look
+    body["logit_bias"] = NO_END_BIAS  # no early end: the stream runs while we look
     with httpx.stream("POST", f"{chatwire.base_url}/chat/completions", json=body, timeout=120) as reply:
         lines = reply.iter_lines()
         for _ in range(3):

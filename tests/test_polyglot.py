@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 
 from chatwire_server.edge import stack
-from conftest import MODEL, _dump_logs, assert_valid, metric, run_server
+from conftest import MODEL, NO_END_BIAS, _dump_logs, assert_valid, metric, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = {
@@ -31,7 +31,7 @@ CONFORMANCE = {
 API_KEY = "sk-polyglot-test"
 HI = [{"role": "user", "content": "Hi"}]
 # 2,000 tokens with the end token banned: about 20 s of decoding, far beyond any cancel or deadline below.
-LONG = {"model": MODEL, "messages": HI, "max_tokens": 2000, "logit_bias": {"2": -100}}
+LONG = {"model": MODEL, "messages": HI, "max_tokens": 2000, "logit_bias": NO_END_BIAS}
 
 pytestmark = pytest.mark.polyglot
 

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
-from conftest import MODEL, Stack, assert_valid, run_stack
+from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, run_stack
 
 KEYS = ("sk-limit-a", "sk-limit-b")
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -61,7 +61,7 @@ def test_sdk_raises_rate_limit_error(limited: Stack) -> None:
 
 def test_token_limit_counts_real_usage(limited: Stack) -> None:
     key = KEYS[1]
-    first = post(limited, key, max_tokens=420, logit_bias={"2": -100})  # ~450 tokens: over the 400/min budget
+    first = post(limited, key, max_tokens=420, logit_bias=NO_END_BIAS)  # ~450 tokens: over the 400/min budget
     assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 400
     second = post(limited, key)
     assert second.status_code == 429 and second.json()["error"]["type"] == "tokens"

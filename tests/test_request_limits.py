@@ -31,7 +31,7 @@ from chatwire_server.domain import ChatMessage
 from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine, resolve_model_path
 from chatwire_server.errors import InvalidRequestError
-from conftest import MODEL, Stack, assert_valid, engine_workers, parse_sse, run_stack
+from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, engine_workers, parse_sse, run_stack
 
 HI = [{"role": "user", "content": "hi"}]
 SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -160,7 +160,7 @@ def error_of(reply: httpx.Response, status: int) -> dict[str, Any]:
 def stream_watch(chatwire: Stack) -> Iterator[list[float]]:
     """A long stream running beside the test: the arrival times of its chunks (checked for stalls after)."""
     arrivals: list[float] = []
-    body = {"model": MODEL, "messages": HI, "max_tokens": 400, "stream": True, "logit_bias": {"2": -100}}
+    body = {"model": MODEL, "messages": HI, "max_tokens": 400, "stream": True, "logit_bias": NO_END_BIAS}
 
     def stream() -> None:
         with httpx.stream("POST", f"{chatwire.base_url}/chat/completions", json=body, timeout=300) as reply:
@@ -297,7 +297,7 @@ def four_slots(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def test_a_burst_fills_every_slot_before_anyone_gets_429(four_slots: Stack) -> None:
-    body = {"model": MODEL, "messages": HI, "max_tokens": 40, "stream": True, "logit_bias": {"2": -100}}
+    body = {"model": MODEL, "messages": HI, "max_tokens": 40, "stream": True, "logit_bias": NO_END_BIAS}
     url = f"{four_slots.base_url}/chat/completions"
     barrier = threading.Barrier(4)
 
@@ -322,7 +322,7 @@ def test_a_wedged_engine_is_restarted_and_its_requests_fail_cleanly(watched: Sta
     """Fault injected: the engine worker is frozen (SIGSTOP) mid-stream. Its stream ends with an error event and
     `[DONE]` within seconds, the worker is replaced, and the model serves again."""
     [worker] = engine_workers(watched.server_pid)
-    body = {"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True, "logit_bias": {"2": -100}}
+    body = {"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True, "logit_bias": NO_END_BIAS}
     url = f"{watched.base_url}/chat/completions"
     with httpx.stream("POST", url, json=body, timeout=60) as reply:
         lines = reply.iter_lines()

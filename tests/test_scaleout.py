@@ -19,12 +19,11 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
+from conftest import MODEL, NO_END, Stack, assert_valid, metric, parse_sse, run_stack
 
 pytestmark = pytest.mark.scaleout
 
 HI = [{"role": "user", "content": "Hi"}]
-NO_END = {"logit_bias": {"2": -100}}  # replies run to max_tokens: streams overlap as the tests need
 
 
 def small_replicas(tmp_path: Path, **settings: int) -> Path:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from chatwire_server.edge import stack
-from conftest import MODEL, Stack, run_stack
+from conftest import MODEL, NO_END_BIAS, Stack, run_stack
 
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
@@ -152,7 +152,7 @@ def test_choices_that_end_at_their_first_token_all_finish(chatwire: Stack) -> No
         assert {c["finish_reason"] for c in choices} == {"length"}
     # The end token banned: a sampled reply may otherwise end before its 5 tokens (seen once in CI).
     after = httpx.post(
-        url, json={"model": MODEL, "messages": COUNT, "max_tokens": 5, "logit_bias": {"2": -100}}, timeout=60
+        url, json={"model": MODEL, "messages": COUNT, "max_tokens": 5, "logit_bias": NO_END_BIAS}, timeout=60
     )
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
 

@@ -21,7 +21,17 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, Stack, assert_valid, engine_workers, parse_sse, run_envoy, run_server, run_stack
+from conftest import (
+    MODEL,
+    NO_END_BIAS,
+    Stack,
+    assert_valid,
+    engine_workers,
+    parse_sse,
+    run_envoy,
+    run_server,
+    run_stack,
+)
 
 FAILING = "scripted-failing"
 BUGGY = "scripted-buggy"
@@ -31,7 +41,7 @@ LONG_REPLY = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Count from 1 to 500."}],
     "max_tokens": 400,
-    "logit_bias": {"2": -100},
+    "logit_bias": NO_END_BIAS,
 }
 
 

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server.edge import stack
 from chatwire_server.engines.llama_cpp import resolve_model_path
-from conftest import MODEL, Stack, assert_valid, metric, parse_sse, run_stack
+from conftest import MODEL, NO_END, Stack, assert_valid, metric, parse_sse, run_stack
 
 pytestmark = pytest.mark.scaleout
 
@@ -35,7 +35,6 @@ KEY_ENV = "CHATWIRE_TEST_UPSTREAM_KEY"
 # The upstream serves its model twice: as usual, and as `narrow`, one sequence and no queue (its 429s).
 NARROW = "narrow"
 HI = [{"role": "user", "content": "Say hello."}]
-NO_END = {"logit_bias": {"2": -100}}  # replies run to max_tokens
 RUNNING = "chatwire_running_requests"
 CANCELLED_STREAMS = ("chatwire_requests_total", {"method": "StreamChatCompletion", "status": "CANCELLED"})
 
