@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +19,9 @@ from typing import Any
 
 import httpx
 
+import report
 from chatwire_server.edge import stack
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results" / "results.json"
 MODEL = "smollm2-135m-instruct"
 REPLICAS = 3
 CONVERSATIONS = 12
@@ -83,39 +80,12 @@ def converse(base_url: str, mode: str, conversation: int) -> list[dict[str, floa
 
 def run_mode(mode: str, work: Path) -> dict[str, Any]:
     """A fresh three-replica stack, the conversations on it, its figures."""
-    ports = [(stack.free_port(), stack.free_port()) for _ in range(REPLICAS)]
-    edge = stack.Ports(
-        http=stack.free_port(),
-        grpc=ports[0][0],
-        admin=stack.free_port(),
-        metrics=ports[0][1],
-        more_replicas=tuple(ports[1:]),
-    )
-    logs = [(work / f"{mode}-server-{i}.log").open("wb") for i in range(REPLICAS)]
-    servers = [
-        stack.start_server(grpc, log, metrics_port=metrics, env=stack.replica_env(REPLICAS))
-        for (grpc, metrics), log in zip(ports, logs, strict=True)
-    ]
-    config = work / f"{mode}-envoy.yaml"
-    config.write_text(stack.render_envoy_config(edge))
-    envoy_log = (work / f"{mode}-envoy.log").open("wb")
-    envoy = stack.start_envoy(config, edge.admin * 10 + 7, envoy_log)
-    try:
-        for (grpc, _), server in zip(ports, servers, strict=True):
-            stack.wait_for_server(grpc, server)
-        stack.wait_for_envoy(edge.admin, envoy)
-        stack.wait_for_replicas(edge.admin, REPLICAS, envoy)
-        base_url = f"http://127.0.0.1:{edge.http}/v1"
+    with stack.launched(work, mode, REPLICAS) as running:
+        base_url = f"http://127.0.0.1:{running.ports.http}/v1"
         started = time.monotonic()
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             turns = [t for c in pool.map(lambda n: converse(base_url, mode, n), range(CONVERSATIONS)) for t in c]
         wall = time.monotonic() - started
-    finally:
-        for process in (envoy, *servers):
-            if process.poll() is None:
-                process.terminate()
-        for process in (envoy, *servers):
-            stack.stop(process)
     prompt = sum(t["prompt_tokens"] for t in turns)
     cached = sum(t["cached_tokens"] for t in turns)
     ttfts = sorted(t["ttft_s"] for t in turns)
@@ -138,22 +108,20 @@ def main() -> None:
         print(f"replicas, {mode}:", flush=True)
         figures[mode] = run_mode(mode, work)
         print(f"    {figures[mode]}", flush=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["affinity"] = {
-        "replicas": REPLICAS,
-        "conversations": CONVERSATIONS,
-        "turns": TURNS,
-        "concurrency": CONCURRENCY,
-        "reply_tokens": REPLY_TOKENS,
-        "engine_threads": int(stack.replica_env(REPLICAS)["CHATWIRE_ENGINE_THREADS"]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "modes": figures,
-    }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    if "targets" in results:  # a full `make bench` run: re-render BENCHMARKS.md with this section
-        subprocess.run([sys.executable, str(BENCH / "report.py"), str(RESULTS)], check=True)
-    print(f"wrote the affinity figures to {RESULTS} (logs in {work})")
+    report.save_section(
+        "affinity",
+        {
+            "replicas": REPLICAS,
+            "conversations": CONVERSATIONS,
+            "turns": TURNS,
+            "concurrency": CONCURRENCY,
+            "reply_tokens": REPLY_TOKENS,
+            "engine_threads": int(stack.replica_env(REPLICAS)["CHATWIRE_ENGINE_THREADS"]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "modes": figures,
+        },
+    )
+    print(f"wrote the affinity figures to {report.RESULTS} (logs in {work})")
 
 
 if __name__ == "__main__":

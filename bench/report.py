@@ -230,8 +230,9 @@ def _first_waves(results: dict[str, Any]) -> list[str]:
     return [
         "## The first requests after start-up",
         "",
-        f"A fresh stack, {run['date']}: {run['start_to_serving_s']:.1f} s from starting the server to SERVING "
-        f"(model load), then waves of {run['workload']}, one after another, with no request before them. Waves "
+        f"A fresh stack, {run['date']}: {run['start_to_ready_s']:.1f} s from starting it to ready (the model "
+        f"loaded, Envoy up and seeing the server healthy), then waves of {run['workload']}, one after another, "
+        "with no request before them. Waves "
         "asking new questions show any first-time work (wave 1 against 2 and 3); a wave repeating earlier "
         "questions shows the prefix cache. `python bench/first_waves.py` (part of `make bench`).",
         "",
@@ -292,6 +293,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def write(results: dict[str, Any], markdown_path: Path, plot_path: Path) -> None:
     markdown_path.write_text(markdown(results))
     plot(results, plot_path)
+
+
+RESULTS = Path(__file__).resolve().parent / "results" / "results.json"
+
+
+def save_section(name: str, section: dict[str, Any]) -> None:
+    """Put a later part's figures (`affinity`, `first_waves`) into results.json under `name`; after a full
+    `make bench` run (the targets are there), re-render BENCHMARKS.md with them."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[name] = section
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    if "targets" in results:
+        write(results, RESULTS.parent.parent.parent / "BENCHMARKS.md", RESULTS.parent / "tokens_per_s.png")
 
 
 if __name__ == "__main__":

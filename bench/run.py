@@ -162,32 +162,19 @@ def bench_in_process(mode: str, workloads: list[Workload]) -> Outcome:
 
 
 def bench_chatwire(workloads: list[Workload], work: Path) -> Outcome:
-    ports = stack.Ports(
-        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
-    )
-    config = work / "envoy.yaml"
-    config.write_text(stack.render_envoy_config(ports))
-    with (work / "chatwire-server.log").open("wb") as server_log, (work / "envoy.log").open("wb") as envoy_log:
-        server = stack.start_server(ports.grpc, server_log, metrics_port=ports.metrics)
-        envoy = stack.start_envoy(config, ports.admin, envoy_log)
-        try:
-            stack.wait_for_server(ports.grpc, server)
-            stack.wait_for_envoy(ports.admin, envoy)
-            url = f"http://127.0.0.1:{ports.http}/v1/chat/completions"
-            outcome = Outcome(_run_workloads(url, MODEL, workloads))
-            if OVERHEAD in workloads:
-                outcome.figures["overhead-grpc"] = asyncio.run(_grpc_overhead(f"127.0.0.1:{ports.grpc}", OVERHEAD))
-                _progress("overhead-grpc", outcome.figures["overhead-grpc"])
-            workers = _children(server.pid)
-            outcome.peak_rss_mb = {
-                "gRPC server": _peak_rss_mb(server.pid),
-                "engine worker": sum(_peak_rss_mb(pid) for pid in workers),
-                "envoy": _peak_rss_mb(envoy.pid),
-            }
-            return outcome
-        finally:
-            stack.stop(envoy)
-            stack.stop(server)
+    with stack.launched(work, "chatwire") as running:
+        (server,) = running.servers
+        outcome = Outcome(_run_workloads(running.chat_url, MODEL, workloads))
+        if OVERHEAD in workloads:
+            target = f"127.0.0.1:{running.ports.grpc}"
+            outcome.figures["overhead-grpc"] = asyncio.run(_grpc_overhead(target, OVERHEAD))
+            _progress("overhead-grpc", outcome.figures["overhead-grpc"])
+        outcome.peak_rss_mb = {
+            "gRPC server": _peak_rss_mb(server.pid),
+            "engine worker": sum(_peak_rss_mb(pid) for pid in _children(server.pid)),
+            "envoy": _peak_rss_mb(running.envoy.pid),
+        }
+        return outcome
 
 
 def bench_peer(

@@ -13,18 +13,14 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
 SELF_CGROUP = Path("/proc/self/cgroup")
 
 
 def usable_cpus(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> int:
     """The CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota."""
-    count = len(os.sched_getaffinity(0))
+    count = len(os.sched_getaffinity(0))  # never empty
     quota = cgroup_cpu_quota(cgroup_root, self_cgroup)
-    if quota is not None:
-        count = min(count, max(1, math.floor(quota)))
-    return max(1, count)
+    return count if quota is None else min(count, max(1, math.floor(quota)))
 
 
 def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
@@ -38,8 +34,8 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_C
             if quota != "max" and period:
                 quotas.append(int(quota) / int(period))
         v1_quota, v1_period = group / "cpu.cfs_quota_us", group / "cpu.cfs_period_us"
-        if v1_quota.is_file() and v1_period.is_file() and int(v1_quota.read_text()) > 0:
-            quotas.append(int(v1_quota.read_text()) / int(v1_period.read_text()))
+        if v1_quota.is_file() and v1_period.is_file() and (quota_us := int(v1_quota.read_text())) > 0:
+            quotas.append(quota_us / int(v1_period.read_text()))
     return min(quotas, default=None)
 
 

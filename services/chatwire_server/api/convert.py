@@ -698,10 +698,12 @@ def _tolerant(value: Any, key: str = "") -> Any:
     tool call not in a list, `arguments` as a JSON object rather than its text."""
     if key == "arguments" and isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False)
+    if key == "tool_calls" and isinstance(value, dict):
+        value = [value]
     if isinstance(value, dict):
         return {k: _tolerant(v, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_tolerant(v, key) for v in value]
+        return [_tolerant(v) for v in value]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key == "created" and number and math.isfinite(value):
         seconds = value / 1000 if value >= 2**32 else value  # milliseconds
@@ -716,14 +718,8 @@ def _tolerant(value: Any, key: str = "") -> Any:
 
 
 def _parse_relayed(data: dict[str, Any], message: Any) -> Any:
-    data = _tolerant(data)
-    for choice in data.get("choices") or ():
-        for part in ("message", "delta"):
-            said = choice.get(part) if isinstance(choice, dict) else None
-            if isinstance(said, dict) and isinstance(said.get("tool_calls"), dict):
-                said["tool_calls"] = [said["tool_calls"]]
     try:
-        return json_format.ParseDict(data, message, ignore_unknown_fields=True)
+        return json_format.ParseDict(_tolerant(data), message, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, ValueError) as exc:
         raise UpstreamError("The upstream server's reply is not a valid chat completion.") from exc
 

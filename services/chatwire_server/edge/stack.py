@@ -8,6 +8,7 @@ exits is started again (with back-off), while the others keep running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -236,6 +237,52 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Launched:
+    """A stack `launched` started: where it listens and its processes."""
+
+    ports: Ports
+    servers: list[subprocess.Popen[bytes]]
+    envoy: subprocess.Popen[bytes]
+
+    @property
+    def chat_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}/v1/chat/completions"
+
+
+@contextlib.contextmanager
+def launched(logs: Path, name: str, replicas: int = 1) -> Iterator[Launched]:
+    """`replicas` servers with the default model behind Envoy on free ports, each ready (Envoy seeing every
+    replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log. For the benchmarks: the
+    tests have their own fixtures, `make run` supervises its processes."""
+    more = tuple((free_port(), free_port()) for _ in range(replicas - 1))
+    ports = Ports(http=free_port(), grpc=free_port(), admin=free_port(), metrics=free_port(), more_replicas=more)
+    config = logs / f"{name}-envoy.yaml"
+    config.write_text(render_envoy_config(ports))
+    with contextlib.ExitStack() as files:
+
+        def open_log(suffix: str) -> IO[bytes]:
+            return files.enter_context((logs / f"{name}-{suffix}.log").open("wb"))
+
+        servers = [
+            start_server(grpc, open_log(f"server-{i}"), metrics_port=metrics, env=replica_env(replicas))
+            for i, (grpc, metrics) in enumerate(ports.replicas)
+        ]
+        envoy = start_envoy(config, ports.admin, open_log("envoy"))
+        try:
+            for (grpc, _), server in zip(ports.replicas, servers, strict=True):
+                wait_for_server(grpc, server)
+            wait_for_envoy(ports.admin, envoy)
+            wait_for_replicas(ports.admin, replicas, envoy)
+            yield Launched(ports, servers, envoy)
+        finally:
+            for process in (envoy, *servers):
+                if process.poll() is None:
+                    process.terminate()
+            for process in (envoy, *servers):
+                stop(process)
 
 
 def _fail_if_exited(process: subprocess.Popen[bytes], name: str) -> None:
