@@ -133,8 +133,8 @@ class Workload:
 
 
 WORKLOADS = [
-    Workload("c1", "1 stream at a time, short prompts", 1, 6),
-    Workload("c4", "4 concurrent streams, short prompts", 4, 8),
+    Workload("c1", "1 stream at a time, short prompts", 1, 12),
+    Workload("c4", "4 concurrent streams, short prompts", 4, 16),
     Workload("c16", "16 concurrent streams, short prompts", 16, 16),
     Workload("c64", "64 concurrent streams (admission control), short prompts", 64, 64),
     Workload("long", "4 concurrent streams, ~700-token prompts, all different", 4, 4, prompts="long"),

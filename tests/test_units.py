@@ -345,6 +345,8 @@ def test_thread_tuner_follows_the_faster_count() -> None:
     quiet, noisy = {2: 12.0, 1: 20.0}, {2: 60.0, 1: 24.0}
     used = run(200, quiet)
     assert tuner.threads == 2 and used.count(1) < 0.1 * len(used)  # probes only, fewer as they keep losing
+    # A probe that is clearly slower from its first two steps stops there.
+    assert "1" in "".join(map(str, used)) and "111" not in "".join(map(str, used))
     run(100, noisy)  # a neighbour takes a core: one thread is faster
     assert tuner.threads == 1
     run(300, quiet)  # it left: back to both

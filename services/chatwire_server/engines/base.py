@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from chatwire_server.domain import ChatRequest, EngineEvent
@@ -38,6 +38,26 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop generating and free the model."""
+        ...
+
+
+# What an engine's own thread hands over after each step: (tag, event) pairs of every request with news, where
+# an exception fails the tagged request and None follows its last event.
+StepEvents = Sequence[tuple[Hashable, EngineEvent | BaseException | None]]
+
+
+@runtime_checkable
+class SteppingEngine(Engine, Protocol):
+    """An engine that decodes in a thread of its own, in steps. Besides `generate`, it can hand the events of a
+    step straight from that thread to a sink: the worker process sends them on from there, instead of waking its
+    event loop per token while llama.cpp computes the next one (on a busy machine that wake-up costs more than
+    the work it does)."""
+
+    async def submit(
+        self, request: ChatRequest, tag: Hashable, sink: Callable[[StepEvents], None]
+    ) -> Callable[[], None]:
+        """Queue `request` (raising what is wrong with it); its events reach `sink`, tagged `tag`, from the
+        engine's thread, once per step. Returns a function that cancels it (harmless once it ended)."""
         ...
 
 

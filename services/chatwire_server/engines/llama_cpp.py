@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -21,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,7 @@ from chatwire_server.domain import (
     TextDelta,
     TokenLogprob,
 )
+from chatwire_server.engines.base import StepEvents
 from chatwire_server.engines.threads import ThreadTuner
 from chatwire_server.errors import TRY_ANOTHER_REPLICA, InvalidRequestError, RateLimitError, ServiceUnavailableError
 from chatwire_server.structured import GRAMMAR_LIMITS
@@ -107,7 +109,9 @@ class _Job:
     sampling: SamplingParams
     top_logprobs: int | None
     budget: int
-    emit: Callable[[EngineEvent | BaseException], None]
+    # Where its events go, once per step, tagged (see `LlamaCppEngine.submit`).
+    tag: Hashable
+    sink: Callable[[StepEvents], None]
     # The grammar's matcher at the reply's start, when the request constrains replies; each choice gets a copy.
     matcher: LLMatcher | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -120,6 +124,9 @@ class _Job:
     # evaluate them, then copies their cells instead of evaluating them again.
     leader: _Job | None = None
     shared: int = 0
+    # Choices finished; the job's events end with the n-th `Finished` or an exception.
+    finished: int = 0
+    ended: bool = False
 
 
 @dataclass
@@ -209,6 +216,8 @@ class LlamaCppEngine:
         self._steps = 0
         # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> tokens, oldest first.
         self._prefix_cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        # Events of the current step, handed to their sinks when it ends.
+        self._outbox: list[tuple[_Job, EngineEvent | BaseException | None]] = []
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
         log.info(
@@ -296,6 +305,28 @@ class LlamaCppEngine:
 
     async def generate(self, request: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
         """Generate all `request.n` choices, yielding their events interleaved as they are decoded."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent | BaseException | None] = asyncio.Queue()
+
+        def sink(batch: StepEvents) -> None:  # the scheduler thread: one wake-up of the event loop per step
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the process is exiting
+                loop.call_soon_threadsafe(_put_all, events, batch)
+
+        cancel = await self.submit(request, None, sink)
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            # Finished, failed, or the client went away: the scheduler frees what is left at its next step.
+            cancel()
+
+    async def submit(
+        self, request: ChatRequest, tag: Hashable, sink: Callable[[StepEvents], None]
+    ) -> Callable[[], None]:
+        """Queue `request` (raising what is wrong with it first); the scheduler thread hands its events to `sink`
+        after each step, tagged `tag`, None after the last. Returns a function that cancels the request."""
         for token in request.sampling.logit_bias:
             if not 0 <= token < self.n_vocab:
                 raise InvalidRequestError(
@@ -314,31 +345,16 @@ class LlamaCppEngine:
                 param="n",
                 code="invalid_value",
             )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-
-        def emit(event: EngineEvent | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: the server is shutting down
-                job.cancelled.set()
-
         matcher = await self._matcher(request.sampling.constraint) if request.sampling.constraint else None
-        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, emit, matcher)
+        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, tag, sink, matcher)
         self._submit(job)
-        finished = 0
-        try:
-            while finished < request.n:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                finished += isinstance(event, Finished)
-                yield event
-        finally:
-            # Finished, failed, or the client went away: the scheduler frees what is left at its next step.
+
+        def cancel() -> None:
             job.cancelled.set()
             with self._lock:
                 self._lock.notify()
+
+        return cancel
 
     async def _matcher(self, constraint: Constraint) -> LLMatcher:
         """The grammar's matcher, built off the event loop (a large schema takes a while)."""
@@ -418,10 +434,37 @@ class LlamaCppEngine:
             except Exception as exc:  # a fault in llama.cpp or here: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 for job in self._jobs_in_flight():
-                    job.emit(exc)
+                    self._emit(job, exc)
                     self._release(job)
+            self._hand_over()
         for job in [*self._jobs_in_flight(), *self._queue]:
-            job.emit(ServiceUnavailableError("The engine shut down before the request finished."))
+            self._emit(job, ServiceUnavailableError("The engine shut down before the request finished."))
+        self._hand_over()
+
+    def _emit(self, job: _Job, event: EngineEvent | BaseException) -> None:
+        """Keep an event for the end of the step; a job's last one (its n-th `Finished`, or a failure) is
+        followed by None."""
+        if job.ended:
+            return
+        self._outbox.append((job, event))
+        job.finished += isinstance(event, Finished)
+        if isinstance(event, BaseException) or job.finished == job.n:
+            job.ended = True
+            self._outbox.append((job, None))
+
+    def _hand_over(self) -> None:
+        """Give the step's events to their sinks, one call per sink (the worker's sink takes every request's)."""
+        if not self._outbox:
+            return
+        batches: dict[int, tuple[Callable[[StepEvents], None], list[tuple[Hashable, Any]]]] = {}
+        for job, event in self._outbox:
+            batches.setdefault(id(job.sink), (job.sink, []))[1].append((job.tag, event))
+        self._outbox.clear()
+        for sink, batch in batches.values():
+            try:
+                sink(batch)
+            except Exception:  # a sink's fault must not stop the scheduler
+                log.exception("engine event sink failed")
 
     def _jobs_in_flight(self) -> list[_Job]:
         jobs = {id(s.job): s.job for s in self._running}
@@ -652,7 +695,7 @@ class LlamaCppEngine:
             self._finish(seq, "stop" if seq.stopped else "length", text + rest, logprob)
         else:
             if text or logprob:
-                job.emit(TextDelta(seq.index, text, logprob))
+                self._emit(job, TextDelta(seq.index, text, logprob))
             seq.next_token = token
 
     def _sample_constrained(self, seq: _Sequence, matcher: LLMatcher, row: int) -> int | None:
@@ -680,12 +723,13 @@ class LlamaCppEngine:
         assert seq.matcher is not None
         reason = seq.matcher.get_error() or "no token can continue the reply; the schema cannot be satisfied"
         constraint = job.sampling.constraint
-        job.emit(
+        self._emit(
+            job,
             InvalidRequestError(
                 f"The reply's grammar could not go on: {reason.splitlines()[0]}",
                 param=constraint.param if constraint else None,
                 code="unsupported_schema",
-            )
+            ),
         )
         self._release(job)
 
@@ -697,15 +741,16 @@ class LlamaCppEngine:
     def _finish(self, seq: _Sequence, reason: str, text: str, logprob: tuple[TokenLogprob, ...] = ()) -> None:
         job = seq.job
         if text or logprob:
-            job.emit(TextDelta(seq.index, text, logprob))
-        job.emit(
+            self._emit(job, TextDelta(seq.index, text, logprob))
+        self._emit(
+            job,
             Finished(
                 seq.index,
                 reason,
                 prompt_tokens=len(job.prompt),
                 completion_tokens=seq.generated,
                 cached_tokens=job.cached_tokens,
-            )
+            ),
         )
         llama_cpp.llama_sampler_free(seq.sampler)
         seq.done = True
@@ -835,3 +880,8 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.name:
         rendered["name"] = message.name
     return rendered
+
+
+def _put_all(queue: asyncio.Queue[EngineEvent | BaseException | None], batch: StepEvents) -> None:
+    for _, event in batch:
+        queue.put_nowait(event)

@@ -49,7 +49,8 @@ class ThreadTuner:
         if batch is None or self.most == 1:
             return self.threads
         if batch != self._batch:
-            self._batch, self._trying = batch, None
+            # Times of another batch size say nothing about this one (nor does its confirmed time).
+            self._batch, self._trying, self._settled = batch, None, None
             self._recent.clear()
             self._tried.clear()
         if self._trying is None and self._since_probe >= self._wait and len(self._recent) == self._probe_steps:
@@ -73,9 +74,13 @@ class ThreadTuner:
                     self._wait = self._shortest_wait
             return
         self._tried.append(seconds)
-        if len(self._tried) < self._probe_steps:
+        current = statistics.median(self._recent)
+        # A probe whose first two steps were both clearly slower has lost: on a quiet machine one thread fewer
+        # is 1.5-2 times slower, and 8 such steps would cost what most probes can never win back.
+        clearly_lost = len(self._tried) == 2 and min(self._tried) > current * (1 + self._margin)
+        if len(self._tried) < self._probe_steps and not clearly_lost:
             return
-        current, tried = statistics.median(self._recent), statistics.median(self._tried)
+        tried = statistics.median(self._tried)
         if tried < current * (1 - self._margin):
             log.info(
                 "engine threads changed",

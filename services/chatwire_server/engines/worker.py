@@ -7,9 +7,10 @@ stream with UNAVAILABLE), instead of resetting every open connection. The server
 requests for that model meanwhile get a 503 with `Retry-After`.
 
 Parent and child talk over a socket pair with `multiprocessing.connection` framing (pickled messages).
-The child sends its events in batches, one message per turn of its event loop, so the extra hop costs a
-system call per batch of tokens, not per token. The child exits when the parent's end closes, so a killed
-server never leaves a model behind.
+The child sends its events in batches: an engine that decodes in steps (llama.cpp) sends each step's events of
+every request in one message, straight from its scheduler thread; others, one message per turn of the event
+loop. The extra hop costs a system call per step, not per token, and no wake-up of the child's event loop.
+The child exits when the parent's end closes, so a killed server never leaves a model behind.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Hashable
 from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from chatwire_server.domain import ChatRequest, EngineEvent
-from chatwire_server.engines.base import IDLE_STATS
+from chatwire_server.engines.base import IDLE_STATS, StepEvents, SteppingEngine
 from chatwire_server.engines.kinds import ENGINE_FACTORIES
 from chatwire_server.errors import TRY_ANOTHER_REPLICA, ChatwireError, ServiceUnavailableError
 
@@ -306,6 +307,11 @@ async def _serve_parent(conn: Connection, model: str) -> None:
 
     loop = asyncio.get_running_loop()
     outbox: list[tuple[Any, ...]] = []
+    sending = threading.Lock()  # the event loop and the engine's own thread both send
+
+    def send(batch: list[tuple[Any, ...]]) -> None:
+        with sending, contextlib.suppress(OSError):  # the parent is gone; the command reader ends the process
+            conn.send(batch)
 
     def post(message: tuple[Any, ...]) -> None:
         if not outbox:
@@ -315,11 +321,26 @@ async def _serve_parent(conn: Connection, model: str) -> None:
     def flush() -> None:
         batch = outbox.copy()
         outbox.clear()
-        with contextlib.suppress(OSError):  # the parent is gone; the command reader ends the process
-            conn.send(batch)
+        send(batch)
+
+    # A stepping engine's requests: their cancel functions, until their last event is sent.
+    cancels: dict[Hashable, Callable[[], None]] = {}
+
+    def deliver(batch: StepEvents) -> None:
+        """From the engine's thread, after each step: every request's events in one message."""
+        send([("event", tag, _portable(e) if isinstance(e, BaseException) else e) for tag, e in batch])
+        if ended := [tag for tag, event in batch if event is None]:
+            loop.call_soon_threadsafe(forget, ended)
+
+    def forget(request_ids: list[Hashable]) -> None:
+        for request_id in request_ids:
+            cancels.pop(request_id, None)
 
     async def run(request_id: int, request: ChatRequest) -> None:
         try:
+            if isinstance(engine, SteppingEngine):
+                cancels[request_id] = await engine.submit(request, request_id, deliver)
+                return
             async with aclosing(engine.generate(request)) as events:
                 async for event in events:
                     post(("event", request_id, event))
@@ -348,8 +369,10 @@ async def _serve_parent(conn: Connection, model: str) -> None:
     while (command := await commands.get()) is not None:
         if command[0] == "generate":
             running[command[1]] = asyncio.create_task(run(command[1], command[2]))
+        elif command[0] == "cancel" and (cancel := cancels.pop(command[1], None)):
+            cancel()
         elif command[0] == "cancel" and (task := running.get(command[1])):
-            task.cancel()
+            task.cancel()  # still being validated, or an engine without steps
         elif command[0] == "stats":
             post(("stats", engine.stats()))
         elif command[0] == "close":
