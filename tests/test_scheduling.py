@@ -169,6 +169,38 @@ def test_prefixes_beyond_the_cache_budget_are_not_kept(tiny_stack: Stack) -> Non
 
 
 @pytest.fixture(scope="module")
+def forgetful_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Cached prefixes dropped once 300 tokens were evaluated after them."""
+    config = tmp_path_factory.mktemp("forgetful") / "models.toml"
+    text = stack.DEFAULT_CONFIG.read_text()
+    config.write_text(text.replace("prefix_cache_idle_tokens = 2048", "prefix_cache_idle_tokens = 300"))
+    assert "prefix_cache_idle_tokens = 300" in config.read_text()
+    with run_stack(request, Path(config)) as running:
+        yield running
+
+
+def test_prefixes_left_idle_while_others_are_served_are_dropped(forgetful_stack: Stack) -> None:
+    url = f"{forgetful_stack.base_url}/chat/completions"
+
+    def usage(messages: list[dict[str, str]], max_tokens: int = 2) -> tuple[int, int]:
+        """(prompt tokens, of them cached)"""
+        body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "logit_bias": NO_END_BIAS}
+        reply = httpx.post(url, json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        counts = reply.json()["usage"]
+        return counts["prompt_tokens"], counts["prompt_tokens_details"]["cached_tokens"]
+
+    colour = [{"role": "user", "content": "Name a colour."}]
+    # Asked together, both leave a cached prefix; COUNT asked again takes over its own and runs 400 tokens.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        [(colour_tokens, _), (count_tokens, _)] = pool.map(usage, [colour, COUNT])
+    assert usage(COUNT, max_tokens=400)[1] == count_tokens - 1
+    # More than 300 tokens were evaluated since the colour prompt was cached: it was dropped (the 4096-token budget
+    # would have kept it); only the default system prompt, which COUNT's cached prefix shares, is reused.
+    assert 0 < usage(colour)[1] < colour_tokens - 1
+
+
+@pytest.fixture(scope="module")
 def cramped_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Four sequence ids and few KV cells: cached prefixes must be evicted all the time."""
     config = tmp_path_factory.mktemp("cramped") / "models.toml"

@@ -81,6 +81,12 @@ class EngineSettings:
     # Tokens that finished requests leave cached for prefix reuse, least recently cached evicted first. Kept
     # small: attention runs over every cell up to the highest one in use, so cached cells slow every step.
     prefix_cache_tokens: int = 4096
+    # A cached prefix is dropped once the engine has evaluated this many tokens (all requests' prompts and replies)
+    # since it was cached: every step's attention scans every cached cell, so under load an idle prefix slows
+    # every stream, while on a quiet server it costs nothing and stays. Rent or buy: per token evaluated, keeping
+    # a prefix costs about 1/8500 of evaluating it again (measured here), so it is kept while the rent paid stays
+    # under a quarter of that price (docs/performance.md, "The prefix cache's rent").
+    prefix_cache_idle_tokens: int = 2048
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
@@ -216,6 +222,9 @@ class LlamaCppEngine:
         self._steps = 0
         # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> tokens, oldest first.
         self._prefix_cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        # Tokens evaluated so far (every step's batch), and that count when each cached prefix was cached.
+        self._tokens_evaluated = 0
+        self._cached_at: dict[int, int] = {}
         # Events of the current step, handed to their sinks when it ends.
         self._outbox: list[tuple[_Job, EngineEvent | BaseException | None]] = []
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -474,6 +483,7 @@ class LlamaCppEngine:
     def _step(self) -> None:
         self._steps += 1
         self._drop_cancelled()
+        self._drop_idle_prefixes()
         self._admit()
         rows: list[tuple[_Sequence | _Job, int]] = []  # which sequence or finished prefill each logits row serves
         n = 0
@@ -518,6 +528,7 @@ class LlamaCppEngine:
         self._tuner.record(comparable, time.perf_counter() - started)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        self._tokens_evaluated += n
         for owner, row in rows:
             if isinstance(owner, _Job):
                 self._start_decoding(owner, row)
@@ -611,7 +622,7 @@ class LlamaCppEngine:
         elif best_id is not None:
             # Keep at least the prompt's last token to evaluate: its logits start the reply.
             reuse = min(best_len, len(job.prompt) - 1)
-            del self._prefix_cache[best_id]
+            del self._prefix_cache[best_id], self._cached_at[best_id]
             llama_cpp.llama_memory_seq_rm(self._memory, best_id, reuse, -1)
             job.seq_ids.append(best_id)
             job.cached_tokens = job.prefill_pos = reuse
@@ -637,8 +648,16 @@ class LlamaCppEngine:
     def _evict_oldest_prefix(self) -> None:
         """Drop the least recently cached prefix: its cells are freed and its sequence id is free again."""
         seq_id, _ = self._prefix_cache.popitem(last=False)
+        del self._cached_at[seq_id]
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._free_seq_ids.append(seq_id)
+
+    def _drop_idle_prefixes(self) -> None:
+        """Evict the cached prefixes that have waited longer than `prefix_cache_idle_tokens` (oldest first: the
+        cache is in the order they were cached)."""
+        idle_limit = self._tokens_evaluated - self._settings.prefix_cache_idle_tokens
+        while self._prefix_cache and self._cached_at[next(iter(self._prefix_cache))] < idle_limit:
+            self._evict_oldest_prefix()
 
     def _start_decoding(self, job: _Job, row: int) -> None:
         """The job's prompt is in the cache: share it with its other sequences and sample every first token."""
@@ -760,6 +779,7 @@ class LlamaCppEngine:
             # Prompt + reply stay cached for the next turn of the conversation (the last sampled token
             # was never decoded, so it has no cell).
             self._prefix_cache[seq.seq_id] = job.prompt + seq.tokens[:-1]
+            self._cached_at[seq.seq_id] = self._tokens_evaluated
             while sum(len(tokens) for tokens in self._prefix_cache.values()) > self._settings.prefix_cache_tokens:
                 self._evict_oldest_prefix()
         else:

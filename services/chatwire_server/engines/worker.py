@@ -231,13 +231,20 @@ class WorkerEngine:
                 steps, progress_at = None, time.monotonic()
 
     def _dispatch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Hand a step's events to their requests: one wake-up of each event loop per batch, not per event."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         for message in batch:
             if message[0] == "stats":
                 self._stats = message[1]
                 self._stats_ready.set()
                 continue
             _, request_id, payload = message
-            self._deliver(request_id, payload)
+            pending = self._pending.get(request_id)
+            if pending is not None:  # else the request was cancelled and late events are dropped
+                by_loop.setdefault(pending.loop, []).append((pending.events, payload))
+        for loop, events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that event loop has closed
+                loop.call_soon_threadsafe(_put_each, events)
 
     def _worker_died(self) -> None:
         assert self._process is not None
@@ -285,6 +292,11 @@ class WorkerEngine:
 
 
 # --- the child process ---------------------------------------------------------------------------------
+
+
+def _put_each(events: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, payload in events:
+        queue.put_nowait(payload)
 
 
 def _portable(exc: BaseException) -> BaseException:
