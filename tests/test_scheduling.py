@@ -173,7 +173,7 @@ def forgetful_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     """Cached prefixes dropped once 300 tokens were evaluated after them."""
     config = tmp_path_factory.mktemp("forgetful") / "models.toml"
     text = stack.DEFAULT_CONFIG.read_text()
-    config.write_text(text.replace("prefix_cache_idle_tokens = 2048", "prefix_cache_idle_tokens = 300"))
+    config.write_text(text.replace("prefix_cache_idle_tokens = 1024", "prefix_cache_idle_tokens = 300"))
     assert "prefix_cache_idle_tokens = 300" in config.read_text()
     with run_stack(request, Path(config)) as running:
         yield running

@@ -85,8 +85,8 @@ class EngineSettings:
     # since it was cached: every step's attention scans every cached cell, so under load an idle prefix slows
     # every stream, while on a quiet server it costs nothing and stays. Rent or buy: per token evaluated, keeping
     # a prefix costs about 1/8500 of evaluating it again (measured here), so it is kept while the rent paid stays
-    # under a quarter of that price (docs/performance.md, "The prefix cache's rent").
-    prefix_cache_idle_tokens: int = 2048
+    # under an eighth of that price (docs/performance.md, "The prefix cache's rent").
+    prefix_cache_idle_tokens: int = 1024
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
@@ -483,7 +483,6 @@ class LlamaCppEngine:
     def _step(self) -> None:
         self._steps += 1
         self._drop_cancelled()
-        self._drop_idle_prefixes()
         self._admit()
         rows: list[tuple[_Sequence | _Job, int]] = []  # which sequence or finished prefill each logits row serves
         n = 0
@@ -517,6 +516,7 @@ class LlamaCppEngine:
         if n == 0:
             return
         self._batch.n_tokens = n
+        self._drop_idle_prefixes(upcoming=n)
         # The thread count is tuned on steps that only decode (their time depends on the batch size alone).
         comparable = n if n == decoding else None
         threads = self._tuner.threads_for(comparable) if self._settings.adaptive_threads else self._threads_set
@@ -652,10 +652,10 @@ class LlamaCppEngine:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._free_seq_ids.append(seq_id)
 
-    def _drop_idle_prefixes(self) -> None:
-        """Evict the cached prefixes that have waited longer than `prefix_cache_idle_tokens` (oldest first: the
-        cache is in the order they were cached)."""
-        idle_limit = self._tokens_evaluated - self._settings.prefix_cache_idle_tokens
+    def _drop_idle_prefixes(self, upcoming: int) -> None:
+        """Before a step of `upcoming` tokens, evict the cached prefixes that would then have waited longer than
+        `prefix_cache_idle_tokens` (oldest first: the cache is in the order they were cached)."""
+        idle_limit = self._tokens_evaluated + upcoming - self._settings.prefix_cache_idle_tokens
         while self._prefix_cache and self._cached_at[next(iter(self._prefix_cache))] < idle_limit:
             self._evict_oldest_prefix()
 
