@@ -53,6 +53,8 @@ from chatwire_server.text import StopMatcher
 
 log = logging.getLogger(__name__)
 
+# Conversations up to this many characters are tokenized on the event loop rather than in a thread.
+INLINE_TOKENIZE_CHARS = 2048
 # Shortest prompt prefix worth waiting for another request in flight to evaluate (a system prompt, a document),
 # rather than evaluating it again at once. Prefixes it has already evaluated are copied whatever their length.
 MIN_SHARED_PREFIX = 32
@@ -344,7 +346,12 @@ class LlamaCppEngine:
                     param=f"logit_bias.{token}",
                     code="invalid_value",
                 )
-        prompt = await asyncio.to_thread(self.tokenize_prompt, request.messages)
+        # A short conversation is rendered and tokenized at once (well under a millisecond); a long one off the
+        # event loop.
+        if sum(len(m.content or "") for m in request.messages) <= INLINE_TOKENIZE_CHARS:
+            prompt = self.tokenize_prompt(request.messages)
+        else:
+            prompt = await asyncio.to_thread(self.tokenize_prompt, request.messages)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         if request.n * budget > self._settings.max_completion_budget:
             raise InvalidRequestError(
