@@ -25,13 +25,13 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _logger as llama_cpp_logger
 
-from workloads import OVERHEAD, WORKLOADS, Stream, Workload, figures
+from workloads import NO_END, OVERHEAD, WORKLOADS, Stream, Workload, figures
 
 THREADS = 2
 KV_CELLS = 32768
 N_BATCH = 512
-# SmolLM2's end-of-generation tokens, banned as the HTTP workloads ban them (bench/workloads.py NO_END).
-END_TOKENS = (0, 2)
+# SmolLM2's end-of-generation tokens, banned as the HTTP workloads ban them.
+END_TOKENS = tuple(int(token) for token in NO_END)
 
 
 def _chatml(messages: list[dict[str, str]]) -> str:

@@ -355,3 +355,11 @@ def test_thread_tuner_follows_the_faster_count() -> None:
     assert tuner.threads_for(None) == 2
     tuner.record(None, 5.0)
     assert tuner.threads == 2
+
+    # Probes that keep losing grow rare, but a batch size that got much slower than it was is probed soon:
+    # one stream quiet, then 16 streams quiet for long, then one stream beside a busy neighbour.
+    tuner = ThreadTuner(2, probe_steps=4, first_probe_after=8, longest_wait=4096)
+    run(100, quiet)
+    run(2000, {2: 100.0, 1: 180.0}, batch=16)
+    run(100, noisy)
+    assert tuner.threads == 1

@@ -39,7 +39,8 @@ class ThreadTuner:
         self._since_probe = 0
         self._batch = 0  # the batch size the recent times are for
         self._recent: deque[float] = deque(maxlen=probe_steps)  # seconds per step at `threads`
-        self._settled: float | None = None  # the median step time when the count was last confirmed
+        # Per batch size, the median step time when the count was last confirmed (or changed) at that size.
+        self._settled: dict[int, float] = {}
         self._trying: int | None = None  # the count being tried, if a probe is on
         self._tried: list[float] = []
         self._go_up = False  # which way the next probe goes, when both are possible
@@ -49,10 +50,12 @@ class ThreadTuner:
         if batch is None or self.most == 1:
             return self.threads
         if batch != self._batch:
-            # Times of another batch size say nothing about this one (nor does its confirmed time).
-            self._batch, self._trying, self._settled = batch, None, None
+            # Times of another batch size say nothing about this one; a size not measured yet is probed soon.
+            self._batch, self._trying = batch, None
             self._recent.clear()
             self._tried.clear()
+            if batch not in self._settled:
+                self._wait = self._shortest_wait
         if self._trying is None and self._since_probe >= self._wait and len(self._recent) == self._probe_steps:
             up, down = self.threads < self.most, self.threads > 1
             self._go_up = (up and not down) or (up and self._go_up)
@@ -68,9 +71,10 @@ class ThreadTuner:
         if self._trying is None:
             self._recent.append(seconds)
             self._since_probe += 1
-            # Much slower than when last confirmed (a neighbour arrived): look again soon.
-            if self._settled and len(self._recent) == self._probe_steps:
-                if statistics.median(self._recent) > 1.5 * self._settled:
+            # Much slower than when last confirmed at this size (a neighbour arrived): look again soon.
+            settled = self._settled.get(batch)
+            if settled and len(self._recent) == self._probe_steps:
+                if statistics.median(self._recent) > 1.5 * settled:
                     self._wait = self._shortest_wait
             return
         self._tried.append(seconds)
@@ -86,9 +90,10 @@ class ThreadTuner:
                 "engine threads changed",
                 extra={"threads": self._trying, "was": self.threads, "ms_per_step": round(1000 * tried, 2)},
             )
-            self.threads, self._wait, self._settled = self._trying, self._shortest_wait, tried
+            self.threads, self._wait, self._settled = self._trying, self._shortest_wait, {batch: tried}
             self._recent = deque(self._tried, maxlen=self._probe_steps)
         else:
-            self._wait, self._settled = min(2 * self._wait, self._longest_wait), current
+            self._wait = min(2 * self._wait, self._longest_wait)
+            self._settled[batch] = current
         self._trying, self._since_probe = None, 0
         self._tried.clear()
