@@ -15,10 +15,10 @@ import argparse
 import asyncio
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from chatwire_server.edge import stack
+from run import children
 from workloads import MAX_TOKENS, Workload, run_http
 
 MODEL = "smollm2-135m-instruct"
@@ -38,11 +38,6 @@ def thread_cpu_s(pid: int) -> dict[tuple[str, int], float]:
     return times
 
 
-def children(pid: int) -> Iterable[int]:
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        yield from (int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=1)
@@ -52,7 +47,7 @@ def main() -> None:
     with stack.launched(Path(tempfile.mkdtemp(prefix="chatwire-profile-")), "profile") as running:
         server = running.servers[0].pid
         processes = {
-            "engine worker": next(iter(children(server))),
+            "engine worker": children(server)[0],
             "gRPC server": server,
             "Envoy": running.envoy.pid,
             "client (httpx)": os.getpid(),

@@ -73,7 +73,8 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (the engine worker of a gRPC server)."""
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
@@ -171,7 +172,7 @@ def bench_chatwire(workloads: list[Workload], work: Path) -> Outcome:
             _progress("overhead-grpc", outcome.figures["overhead-grpc"])
         outcome.peak_rss_mb = {
             "gRPC server": _peak_rss_mb(server.pid),
-            "engine worker": sum(_peak_rss_mb(pid) for pid in _children(server.pid)),
+            "engine worker": sum(_peak_rss_mb(pid) for pid in children(server.pid)),
             "envoy": _peak_rss_mb(running.envoy.pid),
         }
         return outcome

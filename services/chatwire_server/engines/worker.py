@@ -231,7 +231,8 @@ class WorkerEngine:
                 steps, progress_at = None, time.monotonic()
 
     def _dispatch(self, batch: list[tuple[Any, ...]]) -> None:
-        """Hand a step's events to their requests: one wake-up of each event loop per batch, not per event."""
+        """Hand the worker's messages (events, ends, errors) to their requests, from the reader thread: one
+        wake-up of each event loop per batch, not per event."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         for message in batch:
             if message[0] == "stats":
@@ -267,15 +268,7 @@ class WorkerEngine:
             self._on_restart()
 
     def _fail_all(self, error: ChatwireError) -> None:
-        for request_id in list(self._pending):
-            self._deliver(request_id, error)
-
-    def _deliver(self, request_id: int, payload: Any) -> None:
-        """Hand an event, the end (None) or an error to the request's event loop, from the reader thread."""
-        pending = self._pending.get(request_id)
-        if pending is not None:  # else the request was cancelled and late events are dropped
-            with contextlib.suppress(RuntimeError):  # its event loop has closed
-                pending.loop.call_soon_threadsafe(pending.events.put_nowait, payload)
+        self._dispatch([("event", request_id, error) for request_id in list(self._pending)])
 
     def _restart(self) -> bool:
         for attempt in itertools.count():
