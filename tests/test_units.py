@@ -363,3 +363,11 @@ def test_thread_tuner_follows_the_faster_count() -> None:
     run(2000, {2: 100.0, 1: 180.0}, batch=16)
     run(100, noisy)
     assert tuner.threads == 1
+
+    # A long noisy spell makes probes rare, but below every usable CPU a probe up still comes within 3 s of
+    # decoding: when the neighbour leaves, one stream is back on both threads in seconds, not thousands of steps.
+    tuner = ThreadTuner(2, probe_steps=4, first_probe_after=8, longest_wait=4096)
+    probes_in_noise = run(3000, noisy).count(2)
+    assert tuner.threads == 1 and probes_in_noise < 0.02 * 3000  # each up-probe stops after its first slow step
+    used = run(300, quiet)  # 20 ms steps on one thread: 3 s is 150 of them
+    assert tuner.threads == 2 and used.index(2) <= 160

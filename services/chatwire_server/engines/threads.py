@@ -27,6 +27,7 @@ class ThreadTuner:
         probe_steps: int = 8,
         first_probe_after: int = 64,
         longest_wait: int = 1024,
+        longest_wait_below_most_s: float = 3.0,
         margin: float = 0.15,
     ) -> None:
         self.most = most
@@ -36,7 +37,11 @@ class ThreadTuner:
         self._longest_wait = longest_wait
         self._margin = margin
         self._wait = first_probe_after  # steps between probes: doubles while probes lose, resets when one wins
+        # Below every usable CPU, the next probe up comes after this much decoding time at most: the neighbour
+        # that made fewer threads faster may have left, and then each step is 1.5-2 times slower than it could be.
+        self._longest_wait_below_most_s = longest_wait_below_most_s
         self._since_probe = 0
+        self._since_probe_s = 0.0
         self._batch = 0  # the batch size the recent times are for
         self._recent: deque[float] = deque(maxlen=probe_steps)  # seconds per step at `threads`
         # Per batch size, the median step time when the count was last confirmed (or changed) at that size.
@@ -56,9 +61,15 @@ class ThreadTuner:
             self._tried.clear()
             if batch not in self._settled:
                 self._wait = self._shortest_wait
-        if self._trying is None and self._since_probe >= self._wait and len(self._recent) == self._probe_steps:
+        overdue_up = (
+            self.threads < self.most
+            and self._since_probe >= self._shortest_wait
+            and self._since_probe_s >= self._longest_wait_below_most_s
+        )
+        due = self._since_probe >= self._wait or overdue_up
+        if self._trying is None and due and len(self._recent) == self._probe_steps:
             up, down = self.threads < self.most, self.threads > 1
-            self._go_up = (up and not down) or (up and self._go_up)
+            self._go_up = (up and not down) or (up and (self._go_up or overdue_up))
             self._trying = self.threads + 1 if self._go_up else self.threads - 1
             self._go_up = not self._go_up
             self._tried.clear()
@@ -71,6 +82,7 @@ class ThreadTuner:
         if self._trying is None:
             self._recent.append(seconds)
             self._since_probe += 1
+            self._since_probe_s += seconds
             # Much slower than when last confirmed at this size (a neighbour arrived): look again soon.
             settled = self._settled.get(batch)
             if settled and len(self._recent) == self._probe_steps:
@@ -79,9 +91,12 @@ class ThreadTuner:
             return
         self._tried.append(seconds)
         current = statistics.median(self._recent)
-        # A probe whose first two steps were both clearly slower has lost: on a quiet machine one thread fewer
-        # is 1.5-2 times slower, and 8 such steps would cost what most probes can never win back.
-        clearly_lost = len(self._tried) == 2 and min(self._tried) > current * (1 + self._margin)
+        # A probe whose first step took twice as long, or whose first two were both clearly slower, has lost: on
+        # a quiet machine one thread fewer is 1.5-2 times slower, beside a busy neighbour one more is 2-3 times,
+        # and 8 such steps would cost what most probes can never win back.
+        clearly_lost = (len(self._tried) == 1 and self._tried[0] > 2 * current) or (
+            len(self._tried) == 2 and min(self._tried) > current * (1 + self._margin)
+        )
         if len(self._tried) < self._probe_steps and not clearly_lost:
             return
         tried = statistics.median(self._tried)
@@ -95,5 +110,5 @@ class ThreadTuner:
         else:
             self._wait = min(2 * self._wait, self._longest_wait)
             self._settled[batch] = current
-        self._trying, self._since_probe = None, 0
+        self._trying, self._since_probe, self._since_probe_s = None, 0, 0.0
         self._tried.clear()
