@@ -25,10 +25,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 from llama_cpp import _logger as llama_cpp_logger
+
+if TYPE_CHECKING:
+    from chatwire_server.engines.base import Engine
 
 from workloads import NO_END, OVERHEAD, WORKLOADS, Stream, Workload, figures
 
@@ -192,12 +195,14 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 
 
 class EngineRunner:
-    """chatwire's engine in-process: the same requests through `LlamaCppEngine.generate`."""
+    """chatwire's engine in-process: the same requests through `generate` (of `LlamaCppEngine`, or of any engine
+    given: bench/hops.py also times the worker hop this way)."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path | None, engine: Engine | None = None) -> None:
         from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
 
-        self.engine = LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS))
+        assert model_path or engine
+        self.engine = engine or LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS))
 
     async def one(self, workload: Workload, i: int) -> Stream:
         from chatwire_server import structured

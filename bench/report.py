@@ -137,7 +137,7 @@ def _rounds_told(results: dict[str, Any]) -> str:
     return (
         "Each workload ran on every target in turn (the others idle); the workloads the goals judge ran\n"
         f"{rounds} rounds on the targets they compare (new questions each round, the targets' order rotated), the\n"
-        "rest once. Tables give each figure's median over its rounds."
+        "rest once; the noisy ones after all the quiet rounds. Tables give each figure's median over its rounds."
     )
 
 

@@ -10,8 +10,9 @@ Targets, all started first and kept running, same GGUF, same 2 threads:
 Each workload runs on every target in turn, the others idle meanwhile, so that a comparison is between figures
 taken within a minute or two of each other: a shared machine's speed drifts by tens of percent over the
 quarter hour a whole target would take. The workloads the goals judge run `--rounds` rounds on the targets
-they compare (new questions each round, the targets' order rotated); the rest once. The tables give each
-figure's median over its rounds, the goals the median of the per-round ratios.
+they compare (new questions each round, the targets' order rotated); the rest once. The noisy workloads come
+after all the quiet rounds. The tables give each figure's median over its rounds, the goals the median of the
+per-round ratios.
 Writes BENCHMARKS.md, bench/results/results.json and bench/results/tokens_per_s.png.
 """
 
@@ -116,24 +117,26 @@ def _progress(target: str, name: str, result: dict[str, Any]) -> None:
 
 async def _grpc_overhead(target: str, workload: Workload) -> dict[str, Any]:
     """The overhead workload over gRPC straight to the server (no Envoy)."""
-    streams = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         started = time.perf_counter()
-        for i in range(workload.requests):
-            body = request_body(workload, i, MODEL)
-            body.pop("stream")
-            stream = Stream(started=time.perf_counter())
-            async for chunk in stub.StreamChatCompletion(json_format.ParseDict(body, pb.CreateChatCompletionRequest())):
-                if chunk.usage.completion_tokens:
-                    stream.usage_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        stream.first_token = stream.first_token or time.perf_counter()
-                        stream.chunks[choice.index] = stream.chunks.get(choice.index, 0) + 1
-            stream.ended = time.perf_counter()
-            streams.append(stream)
+        streams = [await first_token_grpc(stub, request_body(workload, i, MODEL)) for i in range(workload.requests)]
     return figures(workload, streams, started).to_json()
+
+
+async def first_token_grpc(stub: chat_service_pb2_grpc.ChatServiceStub, body: dict[str, Any]) -> Stream:
+    """One request body, streamed over gRPC and read to its end."""
+    body = {key: value for key, value in body.items() if key != "stream"}
+    stream = Stream(started=time.perf_counter())
+    async for chunk in stub.StreamChatCompletion(json_format.ParseDict(body, pb.CreateChatCompletionRequest())):
+        if chunk.usage.completion_tokens:
+            stream.usage_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.delta.content:
+                stream.first_token = stream.first_token or time.perf_counter()
+                stream.chunks[choice.index] = stream.chunks.get(choice.index, 0) + 1
+    stream.ended = time.perf_counter()
+    return stream
 
 
 class Target:
@@ -360,19 +363,23 @@ def main() -> None:
             targets.append(running.enter_context(started(name, work)))
             if targets[-1].note:
                 print(f"    {targets[-1].note}", flush=True)
-        for number in range(args.rounds):
-            print(f"round {number + 1} of {args.rounds}:", flush=True)
-            turn = targets[number % len(targets) :] + targets[: number % len(targets)]
-            for workload in workloads:
-                # New questions every round (the servers cache prompts), the same for every target.
-                asked = dataclasses.replace(workload, variant=workload.variant + 100 * number)
-                for target in turn:
-                    if number and target.name not in JUDGED.get(workload.name, ()):
-                        continue
-                    if target.runs(workload):
-                        for name, figures in target.run(asked).items():
-                            measured.setdefault(target.name, {}).setdefault(name, []).append(figures)
-                            _progress(target.name, name, figures)
+        # The noisy workloads come last, after every quiet round: the engine's thread count follows a neighbour
+        # that comes and goes (it takes a few seconds to come back), and quiet figures are for a quiet machine.
+        for phase in ([w for w in workloads if not w.noisy], [w for w in workloads if w.noisy]):
+            for number in range(args.rounds if phase else 0):
+                noisy = " (beside a busy neighbour)" if phase[0].noisy else ""
+                print(f"round {number + 1} of {args.rounds}{noisy}:", flush=True)
+                turn = targets[number % len(targets) :] + targets[: number % len(targets)]
+                for workload in phase:
+                    # New questions every round (the servers cache prompts), the same for every target.
+                    asked = dataclasses.replace(workload, variant=workload.variant + 100 * number)
+                    for target in turn:
+                        if number and target.name not in JUDGED.get(workload.name, ()):
+                            continue
+                        if target.runs(workload):
+                            for name, figures in target.run(asked).items():
+                                measured.setdefault(target.name, {}).setdefault(name, []).append(figures)
+                                _progress(target.name, name, figures)
         outcomes = {
             t.name: {
                 "figures": {name: summarise(rounds) for name, rounds in measured.get(t.name, {}).items()},

@@ -332,29 +332,32 @@ async def run_http(url: str, model: str, workload: Workload) -> Figures:
 async def run_first_tokens(host: str, port: int, model: str, workload: Workload) -> Figures:
     """Time to first token over a bare HTTP/1.1 socket, one request at a time: a client that costs next to
     nothing, so the figure is the server's (the overhead workload; httpx alone adds a millisecond or two)."""
-    streams = []
     started = time.perf_counter()
-    for i in range(workload.requests):
-        body = json.dumps(request_body(workload, i, model)).encode()
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        stream = Stream(started=time.perf_counter())
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(head + body)
-        seen = b""
-        while chunk := await reader.read(65536):
-            seen += chunk
-            if stream.first_token is None and _FIRST_CONTENT.search(seen):
-                stream.first_token = time.perf_counter()
-                stream.chunks[0] = 1
-        writer.close()
-        stream.ended = time.perf_counter()
-        if stream.first_token is None or b"data: [DONE]" not in seen:
-            stream.error = f"no content or no [DONE]: {seen[-200:]!r}"
-        streams.append(stream)
+    streams = [await first_token_http(host, port, request_body(workload, i, model)) for i in range(workload.requests)]
     return figures(workload, streams, started)
+
+
+async def first_token_http(host: str, port: int, body: dict[str, Any]) -> Stream:
+    """One streamed request over a fresh connection (`Connection: close`), read to its end."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    stream = Stream(started=time.perf_counter())
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head + data)
+    seen = b""
+    while chunk := await reader.read(65536):
+        seen += chunk
+        if stream.first_token is None and _FIRST_CONTENT.search(seen):
+            stream.first_token = time.perf_counter()
+            stream.chunks[0] = 1
+    writer.close()
+    stream.ended = time.perf_counter()
+    if stream.first_token is None or b"data: [DONE]" not in seen:
+        stream.error = f"no content or no [DONE]: {seen[-200:]!r}"
+    return stream
 
 
 # A content delta with text (the first chunk carries the role and empty content).
