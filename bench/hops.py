@@ -33,6 +33,8 @@ from chatwire_server.server import DEFAULT_CONFIG
 from run import MODEL, first_token_grpc
 from workloads import OVERHEAD, Stream, first_token_http, request_body
 
+PAUSE_S = 0.1
+
 
 async def measure(requests: int, running: stack.Launched) -> dict[str, list[float]]:
     settings = next(m for m in tomllib.loads(DEFAULT_CONFIG.read_text())["models"] if m["id"] == MODEL)["settings"]
@@ -49,6 +51,9 @@ async def measure(requests: int, running: stack.Launched) -> dict[str, list[floa
         ttft_ms: dict[str, list[float]] = {name: [] for name in paths}
         for i in range(-3, requests):  # three rounds to warm every path up, not counted
             for name, one in paths.items():
+                # llama.cpp's OpenMP threads spin for a while after a decode: let the last path's go to sleep
+                # first, so that they do not take a core from this one.
+                await asyncio.sleep(PAUSE_S)
                 stream = await one(i)
                 if stream.error or stream.first_token is None:
                     raise RuntimeError(f"{name}: {stream.error or 'no token'}")
