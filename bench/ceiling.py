@@ -195,14 +195,11 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 
 
 class EngineRunner:
-    """chatwire's engine in-process: the same requests through `generate` (of `LlamaCppEngine`, or of any engine
-    given: bench/hops.py also times the worker hop this way)."""
+    """The workloads' requests through an engine's `generate`, in-process: chatwire's `LlamaCppEngine` here,
+    a `WorkerEngine` too in bench/hops.py."""
 
-    def __init__(self, model_path: Path | None, engine: Engine | None = None) -> None:
-        from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
-
-        assert model_path or engine
-        self.engine = engine or LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS))
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     async def one(self, workload: Workload, i: int) -> Stream:
         from chatwire_server import structured
@@ -249,7 +246,9 @@ class EngineRunner:
 
 
 async def run_engine(model_path: Path, requests: Iterator[Workload]) -> None:
-    runner = EngineRunner(model_path)
+    from chatwire_server.engines.llama_cpp import EngineSettings, LlamaCppEngine
+
+    runner = EngineRunner(LlamaCppEngine(model_path, EngineSettings(n_threads=THREADS)))
     await runner.one(Workload("warm", "", 1, 1, max_tokens=8), 0)
     while workload := await asyncio.to_thread(next, requests, None):
         _answer(workload, await runner.run(workload))

@@ -38,8 +38,8 @@ PAUSE_S = 0.1
 
 async def measure(requests: int, running: stack.Launched) -> dict[str, list[float]]:
     settings = next(m for m in tomllib.loads(DEFAULT_CONFIG.read_text())["models"] if m["id"] == MODEL)["settings"]
-    in_process = EngineRunner(None, LlamaCppEngine.from_settings(settings))
-    behind_worker = EngineRunner(None, WorkerEngine(MODEL, "llama_cpp", settings))
+    in_process = EngineRunner(LlamaCppEngine.from_settings(settings))
+    behind_worker = EngineRunner(WorkerEngine(MODEL, "llama_cpp", settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.ports.grpc}") as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         paths: dict[str, Callable[[int], Awaitable[Stream]]] = {

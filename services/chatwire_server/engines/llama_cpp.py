@@ -108,6 +108,15 @@ def resolve_model_path(settings: dict[str, Any]) -> Path:
     return Path(spec.submodule_search_locations[0]) / settings["model_file"]
 
 
+@dataclass(frozen=True)
+class _CachedPrefix:
+    """A finished prompt (+ reply) whose cells an idle sequence still holds."""
+
+    tokens: list[int]
+    # The engine's count of tokens evaluated when it was cached (its rent is counted from there).
+    cached_at: int
+
+
 @dataclass
 class _Job:
     """One request: `n` choices over one prompt. Touched by the scheduler thread only, except `cancelled`."""
@@ -222,11 +231,10 @@ class LlamaCppEngine:
         self._held_sequences = 0
         # Steps decoded so far: the worker's watchdog reads it to tell a busy engine from a wedged one.
         self._steps = 0
-        # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> tokens, oldest first.
-        self._prefix_cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        # Tokens evaluated so far (every step's batch), and that count when each cached prefix was cached.
+        # Idle sequences whose KV cells still hold a finished prompt (+ reply): seq id -> prefix, oldest first.
+        self._prefix_cache: collections.OrderedDict[int, _CachedPrefix] = collections.OrderedDict()
+        # Tokens evaluated so far (every step's batch).
         self._tokens_evaluated = 0
-        self._cached_at: dict[int, int] = {}
         # Events of the current step, handed to their sinks when it ends.
         self._outbox: list[tuple[_Job, EngineEvent | BaseException | None]] = []
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -572,7 +580,10 @@ class LlamaCppEngine:
         return sum(len(j.prompt) for j in jobs) + sum(s.generated for s in self._running)
 
     def _cells_in_use(self) -> int:
-        return self._live_cells() + sum(len(t) for t in self._prefix_cache.values())
+        return self._live_cells() + self._cached_cells()
+
+    def _cached_cells(self) -> int:
+        return sum(len(cached.tokens) for cached in self._prefix_cache.values())
 
     def _cell_capacity(self) -> int:
         # One batch of headroom, so a step never finds the cache full.
@@ -613,8 +624,8 @@ class LlamaCppEngine:
         """Give the job `n` sequence ids; the first reuses the longest cached prefix of its prompt, or follows
         the job in flight that shares a longer one."""
         best_id, best_len = None, 0
-        for seq_id, tokens in self._prefix_cache.items():
-            shared = _common_prefix(tokens, job.prompt)
+        for seq_id, cached in self._prefix_cache.items():
+            shared = _common_prefix(cached.tokens, job.prompt)
             if shared > best_len:
                 best_id, best_len = seq_id, shared
         for other in self._jobs_in_flight():
@@ -629,7 +640,7 @@ class LlamaCppEngine:
         elif best_id is not None:
             # Keep at least the prompt's last token to evaluate: its logits start the reply.
             reuse = min(best_len, len(job.prompt) - 1)
-            del self._prefix_cache[best_id], self._cached_at[best_id]
+            del self._prefix_cache[best_id]
             llama_cpp.llama_memory_seq_rm(self._memory, best_id, reuse, -1)
             job.seq_ids.append(best_id)
             job.cached_tokens = job.prefill_pos = reuse
@@ -655,7 +666,6 @@ class LlamaCppEngine:
     def _evict_oldest_prefix(self) -> None:
         """Drop the least recently cached prefix: its cells are freed and its sequence id is free again."""
         seq_id, _ = self._prefix_cache.popitem(last=False)
-        del self._cached_at[seq_id]
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._free_seq_ids.append(seq_id)
 
@@ -663,7 +673,7 @@ class LlamaCppEngine:
         """Before a step of `upcoming` tokens, evict the cached prefixes that would then have waited longer than
         `prefix_cache_idle_tokens` (oldest first: the cache is in the order they were cached)."""
         idle_limit = self._tokens_evaluated + upcoming - self._settings.prefix_cache_idle_tokens
-        while self._prefix_cache and self._cached_at[next(iter(self._prefix_cache))] < idle_limit:
+        while self._prefix_cache and next(iter(self._prefix_cache.values())).cached_at < idle_limit:
             self._evict_oldest_prefix()
 
     def _start_decoding(self, job: _Job, row: int) -> None:
@@ -785,9 +795,8 @@ class LlamaCppEngine:
         if seq.index == 0:
             # Prompt + reply stay cached for the next turn of the conversation (the last sampled token
             # was never decoded, so it has no cell).
-            self._prefix_cache[seq.seq_id] = job.prompt + seq.tokens[:-1]
-            self._cached_at[seq.seq_id] = self._tokens_evaluated
-            while sum(len(tokens) for tokens in self._prefix_cache.values()) > self._settings.prefix_cache_tokens:
+            self._prefix_cache[seq.seq_id] = _CachedPrefix(job.prompt + seq.tokens[:-1], self._tokens_evaluated)
+            while self._cached_cells() > self._settings.prefix_cache_tokens:
                 self._evict_oldest_prefix()
         else:
             llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
