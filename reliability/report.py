@@ -20,6 +20,8 @@ FAMILIES = {
     "schemas": "random and hostile JSON schemas in response_format and tool parameters",
     "raw": "raw HTTP/1.1: methods, paths, query strings, content types, headers (grpc-timeout, huge), framing, "
     "invalid and truncated bodies",
+    "reuse": "raw HTTP/1.1 framed right on a connection kept open, each followed on it by GET /v1/models: any "
+    "reply that breaks the framing of the next (a body on HEAD, a wrong length) fails",
     "grpc-bytes": "random and broken bytes as the request message of every RPC",
     "grpc-messages": "well-formed protobuf messages with hostile field values",
     "faults": "the ordinary request sent right after each injected fault",

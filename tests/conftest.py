@@ -194,12 +194,47 @@ def grpc_stub(chatwire: Stack) -> Iterator[chat_service_pb2_grpc.ChatServiceStub
         yield chat_service_pb2_grpc.ChatServiceStub(channel)
 
 
-_registry: Registry[Any] = Registry().with_resource("urn:openai-chat", Resource.from_contents(SPEC))
+# Every header a reply through the edge may carry (the guard in gateway/envoy.yaml drops the rest): the codec's
+# framing, the edge's own, the service's public ones, and CORS's.
+EDGE_REPLY_HEADERS = frozenset(
+    {
+        *("content-type", "content-length", "transfer-encoding", "connection", "date", "server"),
+        *("x-request-id", "cache-control", "openai-processing-ms", "allow", "vary"),
+        *("x-chatwire-replica", "retry-after"),
+        *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+        *(f"access-control-{name}" for name in ("allow-origin", "allow-credentials", "allow-methods")),
+        *(f"access-control-{name}" for name in ("allow-headers", "expose-headers", "max-age")),
+    }
+)
 
 
-def assert_valid(instance: Any, definition: str) -> None:
-    """Fail unless `instance` validates against the spec's `definition` schema."""
-    schema = {"$schema": SPEC["$schema"], "$ref": f"urn:openai-chat#/definitions/{definition}"}
+def _closed_objects(schema: Any) -> Any:
+    """The spec with `additionalProperties: false` wherever an object lists its properties and says nothing
+    about others: the spec itself admits any extra key, so a vendor's field relayed as is (llama-server's
+    `id` in every token logprob) would pass unnoticed. The response schemas compose no objects with `allOf`, so
+    closing each object on its own is exact for them."""
+    if isinstance(schema, list):
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed_objects(value) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
+
+
+_registry: Registry[Any] = (
+    Registry()
+    .with_resource("urn:openai-chat", Resource.from_contents(SPEC))
+    .with_resource("urn:openai-chat-closed", Resource.from_contents(_closed_objects(SPEC)))
+)
+
+
+def assert_valid(instance: Any, definition: str, *, exact: bool = True) -> None:
+    """Fail unless `instance` validates against the spec's `definition` schema; `exact`, also unless every key it
+    holds is one the spec names (OpenAI's replies hold no others)."""
+    spec = "urn:openai-chat-closed" if exact else "urn:openai-chat"
+    schema = {"$schema": SPEC["$schema"], "$ref": f"{spec}#/definitions/{definition}"}
     validator = jsonschema.Draft202012Validator(schema, registry=_registry)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
     assert not errors, f"{definition} invalid: " + "; ".join(

@@ -9,6 +9,8 @@ Families:
 - `schemas`: `response_format` json_schema and tool `parameters` that are random or hostile.
 - `raw`: bytes on a socket: invalid JSON, odd content types, methods, paths, query strings, headers,
   `grpc-timeout`, truncated bodies.
+- `reuse`: `raw` requests framed right, on a connection kept open and followed on it by `GET /v1/models`: any
+  framing error of a reply (a body on HEAD, a wrong length) shows up as the follow-up's reply failing to parse.
 - `grpc-bytes`: random bytes as the request message of every ChatService RPC.
 - `grpc-messages`: valid protobuf messages whose fields hold hostile values.
 - `fixed`: one request per hostile reproduction known to matter (FIXED_HTTP_CASES, FIXED_GRPC_CASES).
@@ -46,9 +48,10 @@ from google.protobuf import json_format, struct_pb2
 from hypothesis import HealthCheck, Phase, reject, settings
 from hypothesis import strategies as st
 
+import http1
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
-from conftest import MODEL, SPEC, Stack, assert_valid, engine_workers, metric, parse_sse
+from conftest import EDGE_REPLY_HEADERS, MODEL, SPEC, Stack, assert_valid, engine_workers, metric, parse_sse
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings (from the environment: `make test` runs the defaults, `make fuzz` the big counts)
@@ -783,9 +786,10 @@ def raw_request(
     headers: list[tuple[str, str]],
     body: bytes,
     content_length: int | None,
+    keep_alive: bool = False,
 ) -> bytes:
     """An HTTP/1.1 request, byte for byte as given (no normalization, no validation)."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *([] if keep_alive else ["Connection: close"])]
     lines += [f"{k}: {v}" for k, v in headers]
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}")
@@ -793,8 +797,9 @@ def raw_request(
 
 
 @st.composite
-def raw_cases(draw: st.DrawFn) -> HttpCase:
-    """Family `raw`: exact bytes on a socket."""
+def raw_cases(draw: st.DrawFn, reuse: bool = False) -> HttpCase:
+    """Family `raw`: exact bytes on a socket; `reuse`, family `reuse`: framed right (no short Content-Length,
+    which would make the rest of the body a request of its own) on a connection kept open."""
     method = draw(st.sampled_from(METHODS))
     target = draw(st.one_of(st.sampled_from(PATHS), st.builds(lambda s: "/" + s, st.text(max_size=30))))
     target = target.replace(" ", "%20").replace("\r", "%0d").replace("\n", "%0a") if draw(st.booleans()) else target
@@ -840,7 +845,7 @@ def raw_cases(draw: st.DrawFn) -> HttpCase:
     ctype = draw(st.sampled_from(CONTENT_TYPES))
     extra = draw(st.lists(st.sampled_from(ODD_HEADERS), max_size=3, unique=True))
     headers = ([("Content-Type", ctype)] if ctype is not None else []) + extra
-    length_kind = draw(st.sampled_from(["exact", "exact", "exact", "none", "short", "chunked"]))
+    length_kind = draw(st.sampled_from(["exact", "exact", "exact", "none", "chunked", *([] if reuse else ["short"])]))
     if length_kind == "chunked":
         headers.append(("Transfer-Encoding", "chunked"))
         payload = (f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n") if body else b"0\r\n\r\n"
@@ -855,12 +860,12 @@ def raw_cases(draw: st.DrawFn) -> HttpCase:
     if extra:
         head += " headers=" + ",".join(f"{describe(k, 20)}:{describe(v, 16)}" for k, v in extra)
     return HttpCase(
-        "raw",
+        "reuse" if reuse else "raw",
         head,
         body=None,
         method=method,
         path=target,
-        raw=raw_request(method, target, headers, payload, length),
+        raw=raw_request(method, target, headers, payload, length, keep_alive=reuse),
     )
 
 
@@ -1666,8 +1671,17 @@ def http_problems(case: HttpCase, status: int, headers: dict[str, str], body: by
         problems.append(f"took {duration:.1f} s (bound {bound:.0f} s)")
     if status >= 500 and not (status == 503 and _error_code(body) in ALLOWED_503_CODES):
         problems.append(f"HTTP {status}: {excerpt(body, 300)!r}")
+    grpc_framed = headers.get("content-type", "").startswith("application/grpc")
+    internal = {n for n in headers if n not in EDGE_REPLY_HEADERS and not (grpc_framed and n.startswith("grpc-"))}
+    if internal:
+        problems.append(f"internal headers on a public reply: {sorted(internal)}")
     head = case.method.upper() == "HEAD"
-    if status >= 400 and not head:
+    if head and body:
+        problems.append(f"a reply to HEAD with a body: {excerpt(body, 100)!r}")
+    # Refused before the edge's filters read the request (the codec's 400 and 431, `OPTIONS *`): its status with
+    # no body (the method, unknown there, might be HEAD) and no request id.
+    unread = not body and "x-request-id" not in headers and headers.get("content-length") == "0"
+    if status >= 400 and not head and not unread:
         if not headers.get("content-type", "").startswith("application/json"):
             problems.append(f"HTTP {status} error with content-type {headers.get('content-type')!r}")
         problems += error_problems(body)
@@ -1760,6 +1774,26 @@ def send_raw(port: int, case: HttpCase) -> Outcome:
         return Outcome("no response: closed", duration, violations=["connection closed without a reply"])
     body = b"".join(chunks)
     return Outcome(str(status), duration, body, http_problems(case, status, headers, body, duration))
+
+
+def send_reused(port: int, case: HttpCase) -> Outcome:
+    """Send a `reuse` case and `GET /v1/models` pipelined on one connection; check the case's reply as any other,
+    and that the follow-up's reply parses and lists the models (unless the first said the connection closes)."""
+    assert case.raw is not None
+    start = time.monotonic()
+    follow_up = ("GET", http1.request("GET", "/v1/models"))
+    bound = time_bound_s(len(case.raw)) + 5
+    try:
+        replies = http1.exchange(port, [(case.method.upper(), case.raw), follow_up], pipelined=True, timeout=bound)
+    except (http1.FramingError, OSError) as error:
+        duration = time.monotonic() - start
+        return Outcome("framing error", duration, violations=[f"framing: {type(error).__name__}: {str(error)[:200]}"])
+    duration = time.monotonic() - start
+    first = replies[0]
+    problems = http_problems(case, first.status, first.headers, first.body, duration)
+    if len(replies) == 2 and (replies[1].status != 200 or not replies[1].body.startswith(b'{"object":"list"')):
+        problems.append(f"the follow-up GET /v1/models got {replies[1].status}: {excerpt(replies[1].body, 100)!r}")
+    return Outcome(str(first.status), duration, first.body, problems)
 
 
 def _as_json(message: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from conftest import Stack, run_stack
 pytestmark = pytest.mark.fuzz
 
 # Shares of the random cases per family.
-FIELDS, SCHEMAS, RAW = (round(fz.HTTP_CASES * share) for share in (0.5, 0.25, 0.25))
+FIELDS, SCHEMAS, RAW, REUSE = (round(fz.HTTP_CASES * share) for share in (0.45, 0.25, 0.15, 0.15))
 GRPC_BYTES, GRPC_MESSAGES = (round(fz.GRPC_CASES * share) for share in (0.5, 0.5))
 FAULT_ROUNDS = max(1, fz.HTTP_CASES // 200)
 
@@ -51,7 +51,10 @@ class FuzzRun:
         return f"http://127.0.0.1:{self.stack.ports.http}"
 
     def http_case(self, case: fz.HttpCase) -> fz.Outcome:
-        if case.raw is not None:
+        if case.family == "reuse":
+            outcome = fz.send_reused(self.stack.ports.http, case)
+            request = case.raw or b""
+        elif case.raw is not None:
             outcome = fz.send_raw(self.stack.ports.http, case)
             request = case.raw
         else:
@@ -169,6 +172,14 @@ def test_raw_http(fuzz: FuzzRun) -> None:
     """Bytes on a socket: methods, paths, content types, headers, framing, bodies."""
     _run(fz.raw_cases(), RAW, fuzz.http_case)
     fuzz.assert_clean("raw")
+
+
+@_timeout(REUSE)
+def test_reused_connections(fuzz: FuzzRun) -> None:
+    """`raw` requests on a connection kept open, each followed on it by another request: no reply may break the
+    framing of the next (a body on HEAD, a length that lies)."""
+    _run(fz.raw_cases(reuse=True), REUSE, fuzz.http_case)
+    fuzz.assert_clean("reuse")
 
 
 @_timeout(GRPC_BYTES)

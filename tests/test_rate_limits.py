@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
-from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, run_stack
+from conftest import EDGE_REPLY_HEADERS, MODEL, NO_END_BIAS, Stack, assert_valid, run_stack
 
 KEYS = ("sk-limit-a", "sk-limit-b")
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -48,6 +48,7 @@ def test_request_limit_per_key_with_headers(limited: Stack) -> None:
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
     assert int(limited_reply.headers["retry-after"]) >= 1
     assert limited_reply.headers["x-ratelimit-remaining-requests"] == "0"
+    assert set(limited_reply.headers) <= EDGE_REPLY_HEADERS and set(replies[0].headers) <= EDGE_REPLY_HEADERS
     # Another key has its own allowance.
     assert post(limited, KEYS[1]).status_code == 200
 
