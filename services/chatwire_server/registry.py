@@ -15,6 +15,10 @@ from chatwire_server.engines.worker import WorkerEngine
 from chatwire_server.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
+# What a model may read, by OpenAI's content part types: `text` (and `refusal`), `image_url`, `input_audio`,
+# `file`. A relayed model reads what its entry's `input` lists, by default everything (its server decides);
+# chatwire's own engines read text.
+INPUT_KINDS = {"text": "text", "image": "image_url", "audio": "input_audio", "file": "file"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class ModelEntry:
     owned_by: str
     created: int
     engine: Engine | RelayEngine
+    # The content part kinds (INPUT_KINDS) a request to it may hold.
+    inputs: frozenset[str] = frozenset(INPUT_KINDS)
 
 
 class ModelRegistry:
@@ -44,6 +50,11 @@ class ModelRegistry:
             kind = model["engine"]
             if kind not in ENGINE_FACTORIES and kind not in RELAY_FACTORIES:
                 raise ValueError(f"{path}: model {model['id']!r} names unknown engine {kind!r}")
+            inputs = model.get("input", list(INPUT_KINDS))
+            if not isinstance(inputs, list) or "text" not in inputs or not set(inputs) <= set(INPUT_KINDS):
+                raise ValueError(
+                    f"{path}: model {model['id']!r}: `input` must list `text` and any of {', '.join(INPUT_KINDS)}"
+                )
             started = time.monotonic()
             settings = model.get("settings", {})
             engine: Engine | RelayEngine
@@ -63,6 +74,7 @@ class ModelRegistry:
                     owned_by=model.get("owned_by", "chatwire"),
                     created=int(model.get("created", time.time())),
                     engine=engine,
+                    inputs=frozenset(inputs),
                 )
             )
         if not entries:

@@ -6,7 +6,6 @@ Validation follows OpenAI's types and ranges; every failure names the offending 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -18,8 +17,8 @@ from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import models_pb2
 from chatwire_server import structured
 from chatwire_server.domain import ChatMessage, ChatRequest, Constraint, Finished, SamplingParams, TokenLogprob
-from chatwire_server.errors import InvalidRequestError, UpstreamError, quote
-from chatwire_server.registry import ModelEntry
+from chatwire_server.errors import InvalidRequestError, quote
+from chatwire_server.registry import INPUT_KINDS, ModelEntry
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_STOP_SEQUENCES = 4
@@ -69,13 +68,17 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
     )
 
 
-def relay_request_from_proto(request: pb.CreateChatCompletionRequest) -> dict[str, Any]:
-    """Check what chatwire answers for whichever engine serves the model (OpenAI's types, ranges and enums, and
-    the bounds on one request's size), and give the request back as the OpenAI JSON it came as, for a server
-    that decides the rest: the content parts its model reads (images, audio), its tools and response formats."""
+def relay_request_from_proto(
+    request: pb.CreateChatCompletionRequest, inputs: frozenset[str] = frozenset(INPUT_KINDS)
+) -> dict[str, Any]:
+    """Check what chatwire answers for whichever engine serves the model (OpenAI's types, ranges and enums, the
+    bounds on one request's size, and content parts only of the kinds in `inputs`, what the model's entry says
+    it reads), and give the request back as the OpenAI JSON it came as, for a server that decides the rest: the
+    parts it reads, its tools and response formats."""
     _check_bounds(request)
     for i, message in enumerate(request.messages):
         _check_role(f"messages[{i}]", message)
+        _check_part_kinds(f"messages[{i}]", message, inputs)
     _check_accepted_fields(request)
     _sampling_from_proto(request)
     _int_in_range(request, "n", 1, 128, default=1)
@@ -88,6 +91,23 @@ def relay_request_from_proto(request: pb.CreateChatCompletionRequest) -> dict[st
             # Protobuf drops empty strings; a call without arguments has `""`, which servers require.
             call.setdefault("function", {}).setdefault("arguments", "")
     return body
+
+
+def _check_part_kinds(where: str, message: pb.ChatCompletionRequestMessage, inputs: frozenset[str]) -> None:
+    """A 400 naming the first content part of a kind the model does not read (an image for a text-only model):
+    its server would fail on it, often with a 500."""
+    if len(inputs) == len(INPUT_KINDS) or not message.content.HasField("list_value"):
+        return
+    refused = {INPUT_KINDS[kind]: kind for kind in INPUT_KINDS.keys() - inputs}
+    for j, part in enumerate(message.content.list_value.values):
+        kind = part.struct_value.fields["type"].string_value if "type" in part.struct_value.fields else ""
+        if kind in refused:
+            readable = " and ".join(sorted(inputs))
+            raise InvalidRequestError(
+                f"'{where}.content[{j}]' is of type '{kind}', but this model only accepts {readable}.",
+                param=f"{where}.content[{j}]",
+                code="unsupported_content_type",
+            )
 
 
 def _plain_json(value: Any) -> Any:
@@ -645,83 +665,6 @@ def _token_logprob(token: TokenLogprob) -> dict[str, object]:
             for piece, logprob in token.top
         ],
     }
-
-
-def relayed_response_to_proto(reply: dict[str, Any], model: str) -> pb.CreateChatCompletionResponse:
-    """An upstream server's completion as ours, named by the model id the client asked for. Fields we do not
-    know (vendor extensions such as `reasoning_content`) are dropped; the keys OpenAI requires are filled."""
-    response = _parse_relayed(reply, pb.CreateChatCompletionResponse())
-    response.model, response.object = model, "chat.completion"
-    for choice in response.choices:
-        if not choice.HasField("logprobs"):
-            choice.logprobs.CopyFrom(NULL)
-        message = choice.message
-        message.role = message.role or "assistant"
-        for key in ("content", "refusal"):
-            if not message.HasField(key):
-                getattr(message, key).CopyFrom(NULL)
-    return response
-
-
-def relayed_chunk_to_proto(chunk: dict[str, Any], model: str) -> pb.CreateChatCompletionStreamResponse:
-    """An upstream server's stream chunk as ours (see `relayed_response_to_proto`)."""
-    response = _parse_relayed(chunk, pb.CreateChatCompletionStreamResponse())
-    response.model, response.object = model, "chat.completion.chunk"
-    for choice in response.choices:
-        if not choice.HasField("finish_reason"):
-            choice.finish_reason.CopyFrom(NULL)
-    return response
-
-
-def relayed_usage(usage: Any) -> tuple[int, int, int]:
-    """Prompt, cached and completion tokens of an upstream's `usage` (zeros where it gave none)."""
-    usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-
-    def count(value: Any) -> int:
-        return value if isinstance(value, int) and value >= 0 else 0
-
-    return count(usage.get("prompt_tokens")), count(cached), count(usage.get("completion_tokens"))
-
-
-# Whole numbers in replies; counts bounded by int32, `created` by uint32.
-_RELAYED_INTS = {
-    "index", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "audio_tokens",
-    "reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens", "start_index", "end_index",
-}  # fmt: skip
-
-
-def _tolerant(value: Any, key: str = "") -> Any:
-    """An upstream's reply made to fit the contract where servers are known to stray and the meaning is plain:
-    numbers as fractions or too large, `created` in milliseconds, a `logprob` of -Infinity, a numeric `id`, one
-    tool call not in a list, `arguments` as a JSON object rather than its text."""
-    if key == "arguments" and isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    if key == "tool_calls" and isinstance(value, dict):
-        value = [value]
-    if isinstance(value, dict):
-        return {k: _tolerant(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_tolerant(v) for v in value]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key == "created" and number and math.isfinite(value):
-        seconds = value / 1000 if value >= 2**32 else value  # milliseconds
-        return min(max(int(seconds), 0), 2**32 - 1)
-    if key in _RELAYED_INTS and number and math.isfinite(value):
-        return min(max(int(value), 0), 2**31 - 1)
-    if key == "logprob" and number and not math.isfinite(value):
-        return -9999.0  # what OpenAI reports for a token with no chance
-    if key == "id" and number:
-        return str(value)
-    return value
-
-
-def _parse_relayed(data: dict[str, Any], message: Any) -> Any:
-    try:
-        return json_format.ParseDict(_tolerant(data), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, TypeError, ValueError) as exc:
-        raise UpstreamError("The upstream server's reply is not a valid chat completion.") from exc
 
 
 def model_to_proto(entry: ModelEntry) -> models_pb2.Model:

@@ -15,7 +15,7 @@ import grpc
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
 from chatwire_server import metrics
-from chatwire_server.api import convert, rpc
+from chatwire_server.api import convert, relayed, rpc
 from chatwire_server.api.auth import Authenticator
 from chatwire_server.api.ratelimit import RateLimiter
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
@@ -97,8 +97,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     ) -> AsyncGenerator[pb.CreateChatCompletionStreamResponse, None]:
         if relay := self._relay_for(request):
             async with aclosing(self._relay_stream(relay, request, context)) as relayed_chunks:
-                async for relayed in relayed_chunks:
-                    yield relayed
+                async for relayed_chunk in relayed_chunks:
+                    yield relayed_chunk
             return
         chat = await _validated(request)
         completion_id, created = _completion_id(), int(time.time())
@@ -187,13 +187,18 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 return engine
         return None
 
+    async def _relay_body(self, request: pb.CreateChatCompletionRequest) -> dict[str, Any]:
+        """The request as the OpenAI JSON to pass on, checked against what its model reads."""
+        inputs = self._registry.get(request.model).inputs
+        return await asyncio.to_thread(convert.relay_request_from_proto, request, inputs)
+
     async def _relay_completion(
         self, relay: RelayEngine, request: pb.CreateChatCompletionRequest
     ) -> pb.CreateChatCompletionResponse:
-        body = await asyncio.to_thread(convert.relay_request_from_proto, request)
+        body = await self._relay_body(request)
         reply = await relay.complete(body)
-        response = convert.relayed_response_to_proto(reply, request.model)
-        self._count_tokens(request.model, *convert.relayed_usage(reply.get("usage")))
+        response = relayed.relayed_response_to_proto(reply, request.model)
+        self._count_tokens(request.model, *relayed.relayed_usage(reply.get("usage")))
         return response
 
     async def _relay_stream(
@@ -201,7 +206,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     ) -> AsyncGenerator[pb.CreateChatCompletionStreamResponse, None]:
         """The upstream's chunks as they arrive; usage only if the client asked for it. Tokens are counted from
         the last usage the upstream sent (some send a running total on every chunk)."""
-        body = await asyncio.to_thread(convert.relay_request_from_proto, request)
+        body = await self._relay_body(request)
         started, waiting_for_first = time.monotonic(), True
         usage = None
         async with aclosing(relay.stream(body)) as chunks:
@@ -215,9 +220,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                 if waiting_for_first and _has_output(chunk):
                     metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
                     waiting_for_first = False
-                yield convert.relayed_chunk_to_proto(chunk, request.model)
+                yield relayed.relayed_chunk_to_proto(chunk, request.model)
         if usage:
-            self._count_tokens(request.model, *convert.relayed_usage(usage))
+            self._count_tokens(request.model, *relayed.relayed_usage(usage))
         if rpc.wants_sse(context):
             yield rpc.SSE_DONE_SENTINEL
 
