@@ -4,6 +4,8 @@ exactly what they allow, so a bound that is one off or silently dropped fails he
 
 from __future__ import annotations
 
+import datetime
+import re
 import tomllib
 from collections.abc import Iterator
 from typing import Any
@@ -66,8 +68,23 @@ def value_in(schema: dict[str, Any]) -> Constraint:
         ({"type": "string", "format": "email"}, ['"ada@example.com"'], ['"ada"', '"@example.com"']),
         ({"type": "string", "format": "ipv4"}, ['"10.0.0.255"'], ['"10.0.0"', '"256.1.1.1"']),
         ({"type": "string", "format": "uuid"}, ['"123e4567-e89b-12d3-a456-426614174000"'], ['"123e4567"']),
-        ({"type": "string", "format": "date"}, ['"2024-02-29"'], ['"2024-13-01"', '"24-02-01"']),
-        ({"type": "string", "format": "date-time"}, ['"2024-02-29T10:00:00Z"'], ['"2024-02-29"']),
+        # Days that exist: leap years by the Gregorian rule, years from 0001.
+        (
+            {"type": "string", "format": "date"},
+            ['"2024-02-29"', '"2000-02-29"', '"0001-01-01"', '"1999-12-31"', '"2023-04-30"'],
+            ['"2024-13-01"', '"24-02-01"', '"2021-02-29"', '"1900-02-29"', '"0000-01-01"', '"2023-04-31"'],
+        ),
+        (
+            {"type": "string", "format": "date-time"},
+            ['"2024-02-29T10:00:00Z"', '"2000-02-29t23:59:60.5+01:00"'],
+            ['"2024-02-29"', '"2021-02-29T10:00:00Z"', '"1900-02-29T00:00:00Z"', '"0000-01-01T00:00:00Z"'],
+        ),
+        # The schema's own pattern holds as well as the calendar.
+        (
+            {"type": "string", "format": "date", "pattern": "^20"},
+            ['"2000-02-29"', '"2024-12-31"'],
+            ['"1996-02-29"', '"2021-02-29"', '"20"'],
+        ),
         ({"type": "string", "format": "duration"}, ['"P3DT4H"'], ['"3 days"']),
         ({"type": "string", "format": "hostname"}, ['"api.example.com"'], ['"-bad-.com"']),
         ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}, ['"AB-123"'], ['"AB-12"', '"ab-123"']),
@@ -139,3 +156,17 @@ def test_unenforceable_schemas_are_refused_naming_why(schema: dict[str, Any], wo
     with pytest.raises(InvalidRequestError) as caught:
         structured.json_constraint(schema, "response_format.json_schema.schema")
     assert words in str(caught.value) and caught.value.param == "response_format.json_schema.schema"
+
+
+def test_date_pattern_is_the_gregorian_calendar() -> None:
+    """Every day of years 0000-9999 around each month's end, against Python's calendar."""
+    pattern = re.compile(structured.DATE_PATTERN)
+    for year in range(10000):
+        for month in range(14):
+            for day in (0, 1, 28, 29, 30, 31, 32):
+                try:
+                    real = bool(datetime.date(year, month, day))
+                except ValueError:
+                    real = False
+                text = f"{year:04d}-{month:02d}-{day:02d}"
+                assert bool(pattern.fullmatch(text)) == real, text

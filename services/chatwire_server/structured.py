@@ -65,6 +65,20 @@ ANNOTATIONS = frozenset(
 ENFORCED_FORMATS = frozenset(
     {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"}
 )
+# llguidance's `date` admits any day 01-31 of any month, and year 0000 (`2021-02-29`, `1900-02-29`,
+# `0000-01-01`); these admit only days of the Gregorian calendar, leap years included, in years 0001-9999 (as
+# Python's `datetime.date` and the validators built on it). `date-time` is a real date, then RFC 3339's time as
+# llguidance has it.
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_MONTH_DAY = (
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+# Divisible by 4 but not by 100 (the last two digits a non-zero multiple of 4), or by 400.
+_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+DATE_PATTERN = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+CALENDAR_FORMATS = {"date": DATE_PATTERN, "date-time": f"{DATE_PATTERN}[tT]{_TIME}"}
 # Keywords whose value is a map of subschemas, or a list of them.
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -245,29 +259,37 @@ class _SchemaCheck:
                 )
 
 
-def _closed(schema: Any) -> Any:
-    """The schema with `additionalProperties: false` wherever an object lists `properties` and says nothing
-    about others: a reply never holds keys the schema does not name (valid output either way, and what OpenAI's
-    strict mode requires of every object)."""
+def _prepared(schema: Any) -> Any:
+    """The schema as the JSON compiler should see it. `additionalProperties: false` wherever an object lists
+    `properties` and says nothing about others: a reply never holds keys the schema does not name (valid output
+    either way, and what OpenAI's strict mode requires of every object). `date` and `date-time` formats as
+    patterns of real dates (CALENDAR_FORMATS), beside any pattern of the schema's own (llguidance intersects
+    them)."""
     if not isinstance(schema, dict):
         return schema
     closed = dict(schema)
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
-            closed[key] = {name: _closed(sub) for name, sub in value.items()}
+            closed[key] = {name: _prepared(sub) for name, sub in value.items()}
         elif key in _SCHEMA_LISTS and isinstance(value, list):
-            closed[key] = [_closed(sub) for sub in value]
+            closed[key] = [_prepared(sub) for sub in value]
         elif key in ("items", "additionalProperties"):
-            closed[key] = _closed(value)
+            closed[key] = _prepared(value)
     if "properties" in schema and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
+    if (calendar := CALENDAR_FORMATS.get(schema.get("format"))) is not None:
+        del closed["format"]
+        if "pattern" in closed:
+            closed["allOf"] = [*closed.get("allOf", []), {"pattern": calendar}]
+        else:
+            closed["pattern"] = calendar
     return closed
 
 
 def _compiled(schema: Any, param: str) -> dict[str, Any]:
     """A checked schema, closed and laid out for the JSON compiler."""
     check_schema(schema, param)
-    return {**_closed(schema), "x-guidance": _JSON_LAYOUT}
+    return {**_prepared(schema), "x-guidance": _JSON_LAYOUT}
 
 
 def _grammar(build: Any, source: Any, param: str) -> str:
