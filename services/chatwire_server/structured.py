@@ -277,7 +277,7 @@ def _prepared(schema: Any) -> Any:
             closed[key] = _prepared(value)
     if "properties" in schema and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
-    if (calendar := CALENDAR_FORMATS.get(schema.get("format"))) is not None:
+    if (calendar := CALENDAR_FORMATS.get(str(schema.get("format")))) is not None:
         del closed["format"]
         if "pattern" in closed:
             closed["allOf"] = [*closed.get("allOf", []), {"pattern": calendar}]
