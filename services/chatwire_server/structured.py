@@ -78,7 +78,8 @@ _MONTH_DAY = (
 _LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
 DATE_PATTERN = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-CALENDAR_FORMATS = {"date": DATE_PATTERN, "date-time": f"{DATE_PATTERN}[tT]{_TIME}"}
+# Anchored: a JSON Schema pattern matches anywhere in the string unless it says otherwise.
+CALENDAR_FORMATS = {"date": f"^{DATE_PATTERN}$", "date-time": f"^{DATE_PATTERN}[tT]{_TIME}$"}
 # Keywords whose value is a map of subschemas, or a list of them.
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
