@@ -29,6 +29,7 @@ import yaml
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import http1
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc, models_pb2
 from chatwire_server.edge import stack
 from conftest import MODEL, Stack, assert_valid, parse_sse, run_envoy
@@ -508,6 +509,11 @@ def test_an_overloaded_edge_sheds_requests_with_openai_503(tmp_path: Path) -> No
             assert time.monotonic() < deadline, reply.text
             time.sleep(0.25)
         assert error_of(reply, 503)["code"] == "service_unavailable"
+        # Shed before any filter runs, yet framed right: HEAD gets no body, and the connection stays in step.
+        head, get = http1.exchange(
+            ports.http, [("HEAD", http1.request("HEAD", "/v1/models")), ("GET", http1.request("GET", "/v1/models"))]
+        )
+        assert (head.status, head.body, get.status) == (503, b"", 503) and b"overloaded" in get.body
 
 
 def test_connections_beyond_the_global_limit_are_closed(tmp_path: Path) -> None:
