@@ -1681,8 +1681,6 @@ def http_problems(case: HttpCase, status: int, headers: dict[str, str], body: by
     if internal:
         problems.append(f"internal headers on a public reply: {sorted(internal)}")
     head = case.method.upper() == "HEAD"
-    if head and body:
-        problems.append(f"a reply to HEAD with a body: {excerpt(body, 100)!r}")
     # Refused before the edge's filters read the request (the codec's 400 and 431, `OPTIONS *`): its status with
     # no body (the method, unknown there, might be HEAD) and no request id.
     unread = not body and "x-request-id" not in headers and headers.get("content-length") == "0"
@@ -1746,7 +1744,7 @@ def send_raw(port: int, case: HttpCase) -> Outcome:
         h11.Request(method="HEAD" if case.method.upper() == "HEAD" else "GET", target="/", headers=[("Host", "x")])
     )
     parser.send(h11.EndOfMessage())
-    status, headers, chunks = 0, {}, []
+    status, headers, chunks, stray = 0, {}, [], b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=time_bound_s(len(case.raw)) + 5) as sock:
             try:
@@ -1766,7 +1764,11 @@ def send_raw(port: int, case: HttpCase) -> Outcome:
                     )
                 elif isinstance(event, h11.Data):
                     chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                elif isinstance(event, h11.EndOfMessage):
+                    stray = http1.stray_bytes(parser, sock, closing=True)
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    stray = b""
                     break
     except (OSError, h11.RemoteProtocolError) as error:
         duration = time.monotonic() - start
@@ -1778,7 +1780,10 @@ def send_raw(port: int, case: HttpCase) -> Outcome:
     if status == 0:
         return Outcome("no response: closed", duration, violations=["connection closed without a reply"])
     body = b"".join(chunks)
-    return Outcome(str(status), duration, body, http_problems(case, status, headers, body, duration))
+    problems = http_problems(case, status, headers, body, duration)
+    if stray:  # a body on a reply that may have none (HEAD's), or a length that lies
+        problems.append(f"{len(stray)} bytes after the reply: {excerpt(stray, 100)!r}")
+    return Outcome(str(status), duration, body, problems)
 
 
 def send_reused(port: int, case: HttpCase) -> Outcome:

@@ -66,8 +66,8 @@ def exchange(
             replies.append(_read_reply(parser, sock, deadline))
             if replies[-1].closes:
                 break
-        if not replies[-1].closes:
-            _no_more_bytes(parser, sock)
+        if stray := stray_bytes(parser, sock, closing=replies[-1].closes):
+            raise FramingError(f"{len(stray)} bytes after the last reply: {stray[:80]!r}")
     return replies
 
 
@@ -112,15 +112,17 @@ def _read_reply(parser: h11.Connection, sock: socket.socket, deadline: float) ->
             raise FramingError(f"connection closed inside reply {status or '(no status line)'}")
 
 
-def _no_more_bytes(parser: h11.Connection, sock: socket.socket) -> None:
-    """After the last reply on a connection kept open, nothing more may arrive (a stray body would)."""
-    leftover = parser.trailing_data[0]
-    sock.settimeout(0.05)  # stray bytes leave Envoy with the reply they follow
+def stray_bytes(parser: h11.Connection, sock: socket.socket, *, closing: bool) -> bytes:
+    """What arrives after the last reply: up to the close if it said the connection closes, else whatever comes
+    at once (stray bytes leave Envoy with the reply they follow). Any is a framing error: a body on a reply that
+    may have none, or a length that lies."""
+    leftover = bytearray(parser.trailing_data[0])
+    sock.settimeout(2.0 if closing else 0.05)
     try:
-        leftover += sock.recv(65536)
-    except (TimeoutError, BlockingIOError):
+        while data := sock.recv(65536):
+            leftover += data
+            if not closing:
+                break
+    except (TimeoutError, BlockingIOError, ConnectionResetError):
         pass
-    except ConnectionResetError:
-        return
-    if leftover:
-        raise FramingError(f"{len(leftover)} bytes after the last reply: {bytes(leftover[:80])!r}")
+    return bytes(leftover)

@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import http1
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc, models_pb2
 from chatwire_server.edge import stack
-from conftest import MODEL, Stack, assert_valid, parse_sse, run_envoy
+from conftest import EDGE_REPLY_HEADERS, MODEL, Stack, assert_valid, parse_sse, run_envoy
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
@@ -201,6 +202,13 @@ def test_grpc_framed_calls_never_reach_the_service(chatwire: Stack) -> None:
             assert reply.headers.get("grpc-status") == "12", reply.headers  # UNIMPLEMENTED: 404
             assert json.loads(reply.headers["grpc-message"])["error"]["code"] == "unknown_url"
             assert reply.content == b""
+        # A known path with the wrong method: the 405 in gRPC's framing keeps its status, and nothing else leaks.
+        reply = h2.post(
+            url(chatwire, "/v1/models"), content=empty_message, headers={"content-type": "application/grpc"}
+        )
+        assert reply.headers.get("grpc-status") == "2", reply.headers  # UNKNOWN: Envoy's mapping of 405
+        assert json.loads(reply.headers["grpc-message"])["error"]["code"] == "method_not_allowed"
+        assert {n for n in reply.headers if not n.startswith("grpc-")} <= EDGE_REPLY_HEADERS, reply.headers
 
 
 @pytest.mark.parametrize("model_id", ["ft:gpt-4o:org:custom:id", "ft:gpt-4o-mini:acme::abc123"])
@@ -453,6 +461,15 @@ def test_502_and_503_from_envoy_are_openai_shaped() -> None:
 
 
 # 7. Envoy's edge hardening: limits that hold, and what must keep working under them.
+
+
+def test_the_tests_reply_headers_are_the_guards() -> None:
+    """conftest.EDGE_REPLY_HEADERS is the guard's allow-list plus what Envoy adds after every filter."""
+    block = re.search(r"ipairs\(\{(.*?)\}\) do PUBLIC_REPLY_HEADERS", stack.ENVOY_TEMPLATE.read_text(), re.S)
+    assert block is not None
+    guards = set(re.findall(r'"([^"]+)"', block.group(1))) - {":status"}
+    assert EDGE_REPLY_HEADERS - guards == {"transfer-encoding", "connection", "date", "server"}
+    assert guards <= EDGE_REPLY_HEADERS
 
 
 def test_edge_config_follows_envoys_edge_guide() -> None:

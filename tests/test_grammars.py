@@ -85,6 +85,8 @@ def value_in(schema: dict[str, Any]) -> Constraint:
                 '"2024-02-29T10:00:00Zz"',
             ],
         ),
+        # Draft 4's tuple `items` too.
+        ({"type": "array", "items": [{"type": "string", "format": "date"}]}, ['["2000-02-29"]'], ['["2021-02-29"]']),
         # The schema's own pattern holds as well as the calendar.
         (
             {"type": "string", "format": "date", "pattern": "^20"},

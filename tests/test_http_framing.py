@@ -5,8 +5,12 @@ edge never learnt), OpenAI's 405 answer with `Allow`, and only public headers on
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -145,3 +149,40 @@ def test_every_kind_of_reply_carries_public_headers_only(chatwire: Stack) -> Non
     for kind in ("unary", "stream", "service's 400", "service's 404", "models"):
         assert int(replies[kind].headers["openai-processing-ms"]) >= 0, kind
     assert "openai-processing-ms" not in replies["edge's 404"].headers
+
+
+def test_http2_replies_carry_public_headers_and_no_trailers(chatwire: Stack) -> None:
+    """HTTP/2 carries trailers, where the stream's gRPC status and trailing metadata would follow the body."""
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.create_connection(("127.0.0.1", chatwire.ports.http), timeout=60) as sock:
+        connection.initiate_connection()
+        requests = {
+            "stream": ("POST", "/v1/chat/completions", json.dumps({**CHAT, "stream": True}).encode()),
+            "unary": ("POST", "/v1/chat/completions", json.dumps(CHAT).encode()),
+            "service's 400": ("POST", "/v1/chat/completions", json.dumps({**CHAT, "temperature": 5}).encode()),
+            "models": ("GET", "/v1/models", b""),
+        }
+        for kind, (method, path, body) in requests.items():
+            stream_id = connection.get_next_available_stream_id()
+            headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1")]
+            connection.send_headers(stream_id, [*headers, ("content-type", "application/json")], end_stream=not body)
+            if body:
+                connection.send_data(stream_id, body, end_stream=True)
+            sock.sendall(connection.data_to_send())
+            reply_headers: dict[str, str] = {}
+            trailers: dict[str, str] = {}
+            ended = False
+            while not ended:
+                for event in connection.receive_data(sock.recv(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        reply_headers = dict(event.headers)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers)
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                        ended = True
+                sock.sendall(connection.data_to_send())
+            names = set(reply_headers) - {":status"}
+            assert names <= EDGE_REPLY_HEADERS, (kind, sorted(names - EDGE_REPLY_HEADERS))
+            assert trailers == {}, (kind, trailers)

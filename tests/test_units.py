@@ -401,11 +401,20 @@ def test_thread_tuner_follows_the_faster_count() -> None:
     assert tuner.threads == 2 and used.index(2) <= 160
 
 
-@pytest.mark.parametrize("inputs", ['["image"]', '["text", "video"]', '"text"'])
+@pytest.mark.parametrize("inputs", ['["image"]', '["text", "video"]', '"text"', '["text", {x = 1}]'])
 def test_a_models_input_kinds_are_checked_at_start(tmp_path: Path, inputs: str) -> None:
     from chatwire_server.registry import ModelRegistry
 
     config = tmp_path / "models.toml"
     config.write_text(f'[[models]]\nid = "m"\nengine = "openai"\ninput = {inputs}\n[models.settings]\nbase_urls = []\n')
     with pytest.raises(ValueError, match="`input` must list `text`"):
+        ModelRegistry.from_config(config)
+
+
+def test_local_engines_read_text_only(tmp_path: Path) -> None:
+    from chatwire_server.registry import ModelRegistry
+
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nid = "m"\nengine = "scripted"\ninput = ["text", "image"]\n')
+    with pytest.raises(ValueError, match="reads text only"):
         ModelRegistry.from_config(config)

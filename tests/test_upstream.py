@@ -65,9 +65,9 @@ def relay_entry(
     )
 
 
-def front_config(tmp_path: Path, upstream_url: str, other_url: str, llama_server_url: str | None = None) -> Path:
-    """The front's models: each forwards to the upstream (and `other_url`, a server of the same model; and
-    `llama_server_url`, llama-server's, text only), one way or another."""
+def front_config(tmp_path: Path, upstream_url: str, other_url: str) -> Path:
+    """The front's models: each forwards to the upstream (and `other_url`, a server of the same model), one way
+    or another."""
     dead = f"http://127.0.0.1:{stack.free_port()}/v1"  # nothing listens there
     entries = [
         # The dead URL first: every request that succeeds went past it.
@@ -78,8 +78,6 @@ def front_config(tmp_path: Path, upstream_url: str, other_url: str, llama_server
         relay_entry("relayed-other", MODEL, [other_url]),
         relay_entry("relayed-pair", MODEL, [upstream_url, other_url]),
     ]
-    if llama_server_url:
-        entries.append(relay_entry("relayed-llama-server", MODEL, [llama_server_url], key=False, inputs=["text"]))
     config = tmp_path / "front.toml"
     config.write_text("\n".join(entries))
     return config
@@ -145,14 +143,21 @@ def serve_until_closed(
 
 @pytest.fixture(scope="module")
 def front(
-    request: pytest.FixtureRequest,
-    upstream: Stack,
-    other_server: str,
-    llama_server: str,
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, upstream: Stack, other_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url, other_server, llama_server)
+    config = front_config(tmp_path_factory.mktemp("front"), upstream.base_url, other_server)
     with run_stack(request, config, server_env={"CHATWIRE_API_KEYS": FRONT_KEY, KEY_ENV: UPSTREAM_KEY}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def llama_front(
+    request: pytest.FixtureRequest, llama_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A front whose one model is llama-server's, declared text only."""
+    config = tmp_path_factory.mktemp("llama-front") / "front.toml"
+    config.write_text(relay_entry("relayed-llama-server", MODEL, [llama_server], key=False, inputs=["text"]))
+    with run_stack(request, config, server_env={"CHATWIRE_API_KEYS": FRONT_KEY}) as running:
         yield running
 
 
@@ -263,10 +268,13 @@ def test_choices_logprobs_and_tools_relayed(front: Stack) -> None:
     assert metric(front.ports.metrics, "chatwire_completion_tokens_total", {"model": "relayed"})
 
 
-@pytest.mark.parametrize("model", ["relayed", "relayed-other", "relayed-llama-server"])
-def test_relayed_logprobs_are_the_specs(front: Stack, model: str) -> None:
+@pytest.mark.parametrize(
+    "stack_name, model", [("front", "relayed"), ("front", "relayed-other"), ("llama_front", "relayed-llama-server")]
+)
+def test_relayed_logprobs_are_the_specs(request: pytest.FixtureRequest, stack_name: str, model: str) -> None:
     """Logprobs from chatwire, llama_cpp.server and llama-server, unary and streamed, hold the spec's keys and no
     others (llama-server adds an `id` to every token and alternative)."""
+    front: Stack = request.getfixturevalue(stack_name)
     body = {"model": model, "logprobs": True, "top_logprobs": 2, "max_tokens": 4, "temperature": 0}
     reply = post(front, **body)
     assert reply.status_code == 200, reply.text
@@ -283,7 +291,7 @@ def test_relayed_logprobs_are_the_specs(front: Stack, model: str) -> None:
     assert [t["token"] for t in streamed] == [t["token"] for t in tokens]
 
 
-def test_a_text_only_upstream_gets_no_images(front: Stack, llama_server: str) -> None:
+def test_a_text_only_upstream_gets_no_images(llama_front: Stack, llama_server: str) -> None:
     """llama-server answers an image part with a 500; its entry says `input = ["text"]`, so the front refuses the
     part itself, naming it, as it does for its own model."""
     parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]
@@ -291,10 +299,10 @@ def test_a_text_only_upstream_gets_no_images(front: Stack, llama_server: str) ->
     direct = httpx.post(f"{llama_server}/chat/completions", json={"model": MODEL, "messages": messages}, timeout=60)
     assert direct.status_code == 500  # what the front would otherwise relay as a 502
     for stream in (False, True):
-        error = error_of(post(front, model="relayed-llama-server", messages=messages, stream=stream), 400)
+        error = error_of(post(llama_front, model="relayed-llama-server", messages=messages, stream=stream), 400)
         assert error["param"] == "messages[1].content[1]" and error["code"] == "unsupported_content_type"
         assert "image_url" in error["message"] and "only accepts text" in error["message"]
-    reply = post(front, model="relayed-llama-server", messages=[{"role": "user", "content": parts[:1]}])
+    reply = post(llama_front, model="relayed-llama-server", messages=[{"role": "user", "content": parts[:1]}])
     assert reply.status_code == 200, reply.text
 
 

@@ -17,7 +17,7 @@ from chatwire_server.errors import ModelNotFoundError
 log = logging.getLogger(__name__)
 # What a model may read, by OpenAI's content part types: `text` (and `refusal`), `image_url`, `input_audio`,
 # `file`. A relayed model reads what its entry's `input` lists, by default everything (its server decides);
-# chatwire's own engines read text.
+# chatwire's own engines read text, and their entries may say no more.
 INPUT_KINDS = {"text": "text", "image": "image_url", "audio": "input_audio", "file": "file"}
 
 
@@ -50,8 +50,11 @@ class ModelRegistry:
             kind = model["engine"]
             if kind not in ENGINE_FACTORIES and kind not in RELAY_FACTORIES:
                 raise ValueError(f"{path}: model {model['id']!r} names unknown engine {kind!r}")
-            inputs = model.get("input", list(INPUT_KINDS))
-            if not isinstance(inputs, list) or "text" not in inputs or not set(inputs) <= set(INPUT_KINDS):
+            inputs = model.get("input", list(INPUT_KINDS) if kind in RELAY_FACTORIES else ["text"])
+            if kind not in RELAY_FACTORIES and inputs != ["text"]:
+                raise ValueError(f"{path}: model {model['id']!r}: engine {kind!r} reads text only (`input`)")
+            kinds_ok = isinstance(inputs, list) and all(isinstance(k, str) and k in INPUT_KINDS for k in inputs)
+            if not kinds_ok or "text" not in inputs:
                 raise ValueError(
                     f"{path}: model {model['id']!r}: `input` must list `text` and any of {', '.join(INPUT_KINDS)}"
                 )

@@ -266,6 +266,8 @@ def _prepared(schema: Any) -> Any:
     either way, and what OpenAI's strict mode requires of every object). `date` and `date-time` formats as
     patterns of real dates (CALENDAR_FORMATS), beside any pattern of the schema's own (llguidance intersects
     them)."""
+    if isinstance(schema, list):  # draft 4's tuple `items`
+        return [_prepared(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
     closed = dict(schema)
