@@ -1765,7 +1765,7 @@ def send_raw(port: int, case: HttpCase) -> Outcome:
                 elif isinstance(event, h11.Data):
                     chunks.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    stray = http1.stray_bytes(parser, sock, closing=True)
+                    stray = http1.stray_bytes(parser, sock)
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     stray = b""

@@ -66,7 +66,7 @@ def exchange(
             replies.append(_read_reply(parser, sock, deadline))
             if replies[-1].closes:
                 break
-        if stray := stray_bytes(parser, sock, closing=replies[-1].closes):
+        if stray := stray_bytes(parser, sock):
             raise FramingError(f"{len(stray)} bytes after the last reply: {stray[:80]!r}")
     return replies
 
@@ -112,17 +112,15 @@ def _read_reply(parser: h11.Connection, sock: socket.socket, deadline: float) ->
             raise FramingError(f"connection closed inside reply {status or '(no status line)'}")
 
 
-def stray_bytes(parser: h11.Connection, sock: socket.socket, *, closing: bool) -> bytes:
-    """What arrives after the last reply: up to the close if it said the connection closes, else whatever comes
-    at once (stray bytes leave Envoy with the reply they follow). Any is a framing error: a body on a reply that
-    may have none, or a length that lies."""
+def stray_bytes(parser: h11.Connection, sock: socket.socket) -> bytes:
+    """What arrives after the last reply, until the connection closes or nothing more comes for 50 ms (stray
+    bytes leave Envoy with the reply they follow). Any is a framing error: a body on a reply that may have none,
+    or a length that lies."""
     leftover = bytearray(parser.trailing_data[0])
-    sock.settimeout(2.0 if closing else 0.05)
+    sock.settimeout(0.05)
     try:
         while data := sock.recv(65536):
             leftover += data
-            if not closing:
-                break
     except (TimeoutError, BlockingIOError, ConnectionResetError):
         pass
     return bytes(leftover)
