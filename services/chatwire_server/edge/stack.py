@@ -84,16 +84,21 @@ EDGE_SETTINGS = {
 
 
 def render_envoy_config(
-    ports: Ports, *, http_host: str = "127.0.0.1", grpc_host: str = "127.0.0.1", **overrides: str
+    ports: Ports,
+    *,
+    http_host: str = "127.0.0.1",
+    grpc_host: str = "127.0.0.1",
+    template: str | None = None,
+    **overrides: str,
 ) -> str:
-    """gateway/envoy.yaml with its placeholders filled: ports, then edge settings from `overrides`, the
-    environment, or their defaults."""
+    """gateway/envoy.yaml (or another version's text, `template`) with its placeholders filled: ports, then edge
+    settings from `overrides`, the environment, or their defaults."""
     settings = {name: overrides.get(name, os.environ.get(name, default)) for name, default in EDGE_SETTINGS.items()}
     endpoints = ", ".join(
         f"{{endpoint: {{address: {{socket_address: {{address: {grpc_host}, port_value: {port}}}}}}}}}"
         for port, _ in ports.replicas
     )
-    return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
+    return string.Template(template or ENVOY_TEMPLATE.read_text()).substitute(
         CHATWIRE_HTTP_HOST=http_host,
         CHATWIRE_HTTP_PORT=ports.http,
         CHATWIRE_ADMIN_PORT=ports.admin,
