@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import h11
 import httpx
 import jsonschema
 from google.protobuf import descriptor as pb_descriptor
@@ -1736,68 +1735,21 @@ def send_http(client: httpx.Client, base: str, case: HttpCase) -> Outcome:
 
 
 def send_raw(port: int, case: HttpCase) -> Outcome:
-    """Write a raw case's bytes to a fresh connection and read one reply with h11."""
+    """Write a raw case's bytes to a fresh connection and read its reply with h11 (tests/http1.py): any byte
+    after it is a framing error. A `reuse` case is followed on the same connection, pipelined, by
+    `GET /v1/models`, whose reply must parse and list the models (unless the first said the connection closes)."""
     assert case.raw is not None
+    requests = [(case.method.upper(), case.raw)]
+    if case.family == "reuse":
+        requests.append(("GET", http1.request("GET", "/v1/models")))
     start = time.monotonic()
-    parser = h11.Connection(our_role=h11.CLIENT)
-    parser.send(
-        h11.Request(method="HEAD" if case.method.upper() == "HEAD" else "GET", target="/", headers=[("Host", "x")])
-    )
-    parser.send(h11.EndOfMessage())
-    status, headers, chunks, stray = 0, {}, [], b""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=time_bound_s(len(case.raw)) + 5) as sock:
-            try:
-                sock.sendall(case.raw)
-            except OSError:
-                pass  # Envoy may answer (and close) before reading all of a request it refuses
-            while True:
-                event = parser.next_event()
-                if event is h11.NEED_DATA:
-                    if time.monotonic() - start > time_bound_s(len(case.raw)) + 5:
-                        raise TimeoutError("no complete reply")
-                    parser.receive_data(sock.recv(65536))
-                elif isinstance(event, h11.Response):
-                    status, headers = (
-                        event.status_code,
-                        {k.decode().lower(): v.decode("latin-1") for k, v in event.headers},
-                    )
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    stray = http1.stray_bytes(parser, sock)
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    stray = b""
-                    break
-    except (OSError, h11.RemoteProtocolError) as error:
-        duration = time.monotonic() - start
-        name = type(error).__name__
-        if status == 0:
-            return Outcome(f"no response: {name}", duration, violations=[f"no response: {name}: {str(error)[:200]}"])
-        return Outcome(str(status), duration, b"".join(chunks), [f"reply cut: {name}: {str(error)[:200]}"])
-    duration = time.monotonic() - start
-    if status == 0:
-        return Outcome("no response: closed", duration, violations=["connection closed without a reply"])
-    body = b"".join(chunks)
-    problems = http_problems(case, status, headers, body, duration)
-    if stray:  # a body on a reply that may have none (HEAD's), or a length that lies
-        problems.append(f"{len(stray)} bytes after the reply: {excerpt(stray, 100)!r}")
-    return Outcome(str(status), duration, body, problems)
-
-
-def send_reused(port: int, case: HttpCase) -> Outcome:
-    """Send a `reuse` case and `GET /v1/models` pipelined on one connection; check the case's reply as any other,
-    and that the follow-up's reply parses and lists the models (unless the first said the connection closes)."""
-    assert case.raw is not None
-    start = time.monotonic()
-    follow_up = ("GET", http1.request("GET", "/v1/models"))
-    bound = time_bound_s(len(case.raw)) + 5
-    try:
-        replies = http1.exchange(port, [(case.method.upper(), case.raw), follow_up], pipelined=True, timeout=bound)
+        replies = http1.exchange(port, requests, pipelined=True, timeout=time_bound_s(len(case.raw)) + 5)
     except (http1.FramingError, OSError) as error:
         duration = time.monotonic() - start
-        return Outcome("framing error", duration, violations=[f"framing: {type(error).__name__}: {str(error)[:200]}"])
+        name = type(error).__name__
+        status = "framing error" if isinstance(error, http1.FramingError) else f"no response: {name}"
+        return Outcome(status, duration, violations=[f"{status}: {name}: {str(error)[:200]}"])
     duration = time.monotonic() - start
     first = replies[0]
     problems = http_problems(case, first.status, first.headers, first.body, duration)

@@ -51,10 +51,7 @@ class FuzzRun:
         return f"http://127.0.0.1:{self.stack.ports.http}"
 
     def http_case(self, case: fz.HttpCase) -> fz.Outcome:
-        if case.family == "reuse":
-            outcome = fz.send_reused(self.stack.ports.http, case)
-            request = case.raw or b""
-        elif case.raw is not None:
+        if case.raw is not None:
             outcome = fz.send_raw(self.stack.ports.http, case)
             request = case.raw
         else:
