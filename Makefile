@@ -29,6 +29,10 @@ TS_BUILT := $(TS_CLIENT)/dist/.built
 GO_DEBS := golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev \
   golang-google-genproto-dev protoc-gen-go-grpc
 GO_TOOLCHAIN := $(BUILD)/tools/.go-debs
+# Debian's redis-server holds the replicas' shared budgets: `make test` starts its own; `make run` starts one
+# when several replicas have a rate limit and no CHATWIRE_REDIS_URL names a store.
+REDIS_SERVER := /usr/bin/redis-server
+RUN_NEEDS_REDIS := $(and $(filter-out 0 1,$(CHATWIRE_REPLICAS)),$(filter-out 0,$(CHATWIRE_RATE_LIMIT_RPM) $(CHATWIRE_RATE_LIMIT_TPM)),$(if $(CHATWIRE_REDIS_URL),,yes))
 # By full path: a Go from elsewhere on PATH (/usr/local/go, ~/go) would build against other libraries.
 GO := /usr/bin/go
 GOFMT := /usr/bin/gofmt
@@ -74,20 +78,20 @@ CHATWIRE_SOAK_SECONDS ?= 600
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-run: $(SERVING) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
+run: $(SERVING) $(if $(RUN_NEEDS_REDIS),$(REDIS_SERVER)) ## Serve the default model: HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051
 	$(PY) -m chatwire_server.edge.stack
 
-test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) $(LLAMA_SERVER) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
+test: setup $(BUF) $(COMPOSE_SCHEMA) $(NODE_MODULES) $(LLAMA_SERVER) $(REDIS_SERVER) ## Lint, then run the whole suite (real Envoy, real model; a fuzz sample, not the soak)
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench reliability scripts
+	$(PY) -m ruff check services tests bench reliability scripts clients/python
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) -m pytest
 
 lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(BUF) lint
-	$(PY) -m ruff check services tests bench reliability scripts
-	$(PY) -m ruff format --check services tests bench reliability scripts
+	$(PY) -m ruff check services tests bench reliability scripts clients/python
+	$(PY) -m ruff format --check services tests bench reliability scripts clients/python
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 
@@ -176,6 +180,12 @@ $(GO_TOOLCHAIN):
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(GO_DEBS) >/dev/null; }
 	mkdir -p $(@D) && touch $@
+
+$(REDIS_SERVER):
+	echo "Installing Debian's redis-server (the replicas' shared rate-limit store)"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 
 $(PROTOC_GEN_GO): $(GO_TOOLCHAIN)
 	$(GO) build -o $@ google.golang.org/protobuf/cmd/protoc-gen-go

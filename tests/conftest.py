@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import re
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,13 @@ NO_END_BIAS = {"0": -100, "2": -100, "4": -100}
 NO_END = {"logit_bias": NO_END_BIAS}
 SPEC = json.loads((Path(__file__).parent / "spec" / "chat_completions_schemas.json").read_text())
 _base_ids = itertools.count()
+ROOT = Path(__file__).resolve().parents[1]
+# Each language's conformance program (clients/<language>): reads one call as JSON on stdin, makes it through the
+# language's generated stubs and chatwire helper, prints what came back as OpenAI JSON.
+CONFORMANCE = {
+    "typescript": ["node", str(ROOT / "clients/typescript/dist/conformance.js")],
+    "go": [str(ROOT / "build/clients/go/chatwire-conformance")],
+}
 
 
 @dataclass
@@ -64,7 +72,13 @@ class Stack:
 
     @property
     def grpc_target(self) -> str:
+        """The first replica's own gRPC port."""
         return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def grpc_edge_target(self) -> str:
+        """The edge's internal gRPC listener, balancing over every replica."""
+        return f"127.0.0.1:{self.ports.grpc_edge}"
 
 
 def _unique_base_id(ports: stack.Ports) -> int:
@@ -102,6 +116,51 @@ def run_server(
             yield server
         finally:
             stack.stop(server)
+
+
+def small_replicas(tmp_path: Path, **settings: int) -> Path:
+    """The default model config with a smaller KV cache (three replicas share this machine) and `settings`."""
+    text = stack.DEFAULT_CONFIG.read_text().replace("kv_cells = 32768", "kv_cells = 8192")
+    text = text.replace("prefix_cache_tokens = 4096", "prefix_cache_tokens = 2048")
+    for name, value in settings.items():
+        text, found = re.subn(rf"^{name} = \d+$", f"{name} = {value}", text, flags=re.M)
+        assert found == 1, name
+    config = tmp_path / "models.toml"
+    config.write_text(text)
+    return config
+
+
+@dataclass
+class Redis:
+    """A redis-server on loopback (Debian's, as `make run` starts it), which a test may stop, kill and restart."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = stack.start_redis(self.port, self.log.open("ab"))
+        stack.wait_for_redis(self.port, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            stack.stop(self.process)
+
+
+@contextlib.contextmanager
+def run_redis(log_path: Path) -> Iterator[Redis]:
+    """A redis-server on a free port, answering, stopped afterwards."""
+    redis = Redis(stack.free_port(), log_path)
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
 
 
 def engine_workers(server_pid: int) -> list[int]:
@@ -149,6 +208,7 @@ def run_stack(
         grpc=servers[0].grpc,
         admin=stack.free_port(),
         metrics=servers[0].metrics,
+        grpc_edge=stack.free_port(),
         more_replicas=tuple((r.grpc, r.metrics) for r in servers[1:]),
     )
     running = Stack(ports, servers[0].log, logs / "envoy.log", replicas=servers)
@@ -172,6 +232,12 @@ def run_stack(
     finally:
         if request.session.testsfailed:
             _dump_logs(*(r.log for r in servers), running.envoy_log)
+
+
+@pytest.fixture(scope="session")
+def built_clients() -> None:
+    """Builds (or finds up to date) both languages' clients, exactly as `make clients` does."""
+    subprocess.run(["make", "--no-print-directory", "-s", "clients"], cwd=ROOT, check=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

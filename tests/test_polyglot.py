@@ -1,10 +1,12 @@
 """The generated TypeScript and Go clients (`make clients`, from buf.gen.yaml) against the live gRPC server and real
 model. Each language's conformance program (clients/<language>) reads one call as JSON, makes it through the
 language's generated stubs and chatwire helper, and prints what came back as OpenAI JSON; the assertions live here,
-the same for every language."""
+the same for every language. The affinity tests run them, and the Python helper (clients/python), against a scripted
+server instead."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -12,22 +14,23 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import grpc
 import jsonschema
 import pytest
+from google.protobuf import json_format
 
+from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, NO_END_BIAS, _dump_logs, assert_valid, metric, run_server
+from conftest import CONFORMANCE, MODEL, NO_END_BIAS, _dump_logs, assert_valid, metric, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFORMANCE = {
-    "typescript": ["node", str(ROOT / "clients/typescript/dist/conformance.js")],
-    "go": [str(ROOT / "build/clients/go/chatwire-conformance")],
-}
 API_KEY = "sk-polyglot-test"
 HI = [{"role": "user", "content": "Hi"}]
 # 2,000 tokens with the end token banned: about 20 s of decoding, far beyond any cancel or deadline below.
@@ -56,12 +59,6 @@ class Server:
         assert self.metric("chatwire_running_sequences") == 0
 
 
-@pytest.fixture(scope="session")
-def built_clients() -> None:
-    """Builds (or finds up to date) both languages' clients, exactly as `make clients` does."""
-    subprocess.run(["make", "--no-print-directory", "-s", "clients"], cwd=ROOT, check=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("polyglot") / "server.log"
@@ -74,8 +71,9 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             _dump_logs(log)
 
 
-def call(language: str, server: Server, rpc: str, request: dict[str, Any], **options: Any) -> dict[str, Any]:
-    """Runs one call through `language`'s client; returns {"response"} | {"chunks", "error"?} | {"error"}."""
+def call(language: str, server: Server | Scripted, rpc: str, request: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """Runs one call through `language`'s client; returns {"response"} | {"chunks", "error"?} | {"error"}, each with
+    "replica"."""
     payload = {"address": server.address, "api_key": API_KEY, "rpc": rpc, "request": request, **options}
     result = subprocess.run(
         CONFORMANCE[language], input=json.dumps(payload), capture_output=True, text=True, timeout=180
@@ -231,6 +229,162 @@ def test_json_schema_response_format(built_clients: None, server: Server, langua
     assert_valid(reply, "CreateChatCompletionResponse")
     assert reply["choices"][0]["finish_reason"] == "stop"
     jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), schema)
+
+
+AFFINITY = "x-chatwire-affinity"
+REPLICA = "scripted-1"
+MISSING = "missing"  # the scripted server's NOT_FOUND model
+REPLY = {
+    "id": "chatcmpl-scripted",
+    "object": "chat.completion",
+    "created": 1,
+    "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+CHUNK = {
+    "id": "chatcmpl-scripted",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": MODEL,
+    "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+}
+
+
+class Scripted(chat_service_pb2_grpc.ChatServiceServicer):
+    """A ChatService that records the x-chatwire-affinity values of each call (by its request's `model`, which the
+    test makes unique) and answers REPLY, or one CHUNK, naming REPLICA in its headers, as chatwire's replicas do; a
+    model starting with MISSING gets NOT_FOUND, naming REPLICA in the trailers of a trailers-only reply."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.calls: dict[str, list[str]] = {}
+
+    def _answer(self, request: chat_completion_pb2.CreateChatCompletionRequest, context: grpc.ServicerContext) -> None:
+        self.calls[request.model] = [value for name, value in context.invocation_metadata() if name == AFFINITY]
+        if request.model.startswith(MISSING):
+            context.set_trailing_metadata([("x-chatwire-replica", REPLICA)])
+            context.abort(grpc.StatusCode.NOT_FOUND, f"The model `{request.model}` does not exist.")
+        context.send_initial_metadata([("x-chatwire-replica", REPLICA)])
+
+    def CreateChatCompletion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._answer(request, context)
+        return json_format.ParseDict(REPLY, chat_completion_pb2.CreateChatCompletionResponse())
+
+    def StreamChatCompletion(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._answer(request, context)
+        yield json_format.ParseDict(CHUNK, chat_completion_pb2.CreateChatCompletionStreamResponse())
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[Scripted]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    port = server.add_insecure_port("127.0.0.1:0")
+    servicer = Scripted(f"127.0.0.1:{port}")
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+    server.start()
+    yield servicer
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def python_helper() -> ModuleType:
+    """clients/python/chatwire_client.py, as a caller imports it (with clients/python on its path)."""
+    return importlib.import_module("chatwire_client")
+
+
+def python_call(
+    helper: ModuleType, address: str, rpc: str, request: dict[str, Any], metadata: dict[str, str]
+) -> dict[str, Any]:
+    """One call through the Python helper's channel, reported as the conformance programs report theirs."""
+    message = json_format.ParseDict(request, chat_completion_pb2.CreateChatCompletionRequest())
+    with helper.channel(address) as channel:
+        stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        options: dict[str, Any] = {"metadata": list(metadata.items()), "timeout": 30}
+        try:
+            if rpc == "unary":
+                reply, outcome = stub.CreateChatCompletion.with_call(message, **options)
+                result: dict[str, Any] = {
+                    "response": json_format.MessageToDict(reply, preserving_proto_field_name=True)
+                }
+            else:
+                outcome = stub.StreamChatCompletion(message, **options)
+                result = {"chunks": [json_format.MessageToDict(chunk) for chunk in outcome]}
+        except grpc.RpcError as error:
+            outcome, result = error, {"error": {"code": error.code().value[0]}}
+        return {**result, "replica": helper.replica(outcome)}
+
+
+def scripted_call(
+    client: str,
+    scripted: Scripted,
+    helper: ModuleType,
+    rpc: str,
+    fields: dict[str, Any],
+    metadata: dict[str, str],
+    model: str = "scripted",
+) -> tuple[dict[str, Any], list[str]]:
+    """A call from `client` to the scripted server: what it reported, and the x-chatwire-affinity values it sent."""
+    model = f"{model}-{uuid.uuid4().hex}"
+    request = {"model": model, "messages": HI, **fields}
+    if client == "python":
+        result = python_call(helper, scripted.address, rpc, request, metadata)
+    else:
+        result = call(client, scripted, rpc, request, api_key=None, metadata=metadata)
+    return result, scripted.calls[model]
+
+
+CLIENTS = pytest.mark.parametrize("client", [*sorted(CONFORMANCE), "python"])
+RPCS = pytest.mark.parametrize("rpc", ["unary", "stream"])
+LONG_KEY = "k" * 300
+P = pytest.param
+
+
+@CLIENTS
+@RPCS
+@pytest.mark.parametrize(
+    ("fields", "metadata", "sent"),
+    [
+        # The most specific key first; an empty one is no key.
+        P({"prompt_cache_key": "conv-1", "safety_identifier": "tenant-1", "user": "alice"}, {}, ["conv-1"], id="cache"),
+        P({"safety_identifier": "tenant-1", "user": "alice"}, {}, ["tenant-1"], id="safety"),
+        P({"prompt_cache_key": "", "user": "alice"}, {}, ["alice"], id="user"),
+        P({}, {}, [], id="none"),
+        P({"prompt_cache_key": LONG_KEY}, {}, [LONG_KEY[:256]], id="truncated"),
+        # A value metadata cannot carry keys nothing, and the next key is tried (the whole value is checked).
+        P({"user": "a\nb"}, {}, [], id="newline"),
+        P({"user": "a\x7fb"}, {}, [], id="delete"),
+        P({"prompt_cache_key": LONG_KEY + "\t", "user": "alice"}, {}, ["alice"], id="control-next"),
+        P({"prompt_cache_key": "café", "user": "alice"}, {}, ["alice"], id="non-ascii-next"),
+        # The caller's own key wins.
+        P({"user": "alice"}, {AFFINITY: "mine"}, ["mine"], id="explicit"),
+    ],
+)
+def test_affinity_metadata(
+    built_clients: None,
+    scripted: Scripted,
+    python_helper: ModuleType,
+    client: str,
+    rpc: str,
+    fields: dict[str, Any],
+    metadata: dict[str, str],
+    sent: list[str],
+) -> None:
+    result, received = scripted_call(client, scripted, python_helper, rpc, fields, metadata)
+    assert received == sent
+    assert "error" not in result and result["replica"] == REPLICA, result
+    assert len(result["chunks"]) == 1 if rpc == "stream" else result["response"]["id"] == REPLY["id"], result
+
+
+@CLIENTS
+@RPCS
+def test_replica_of_an_error(
+    built_clients: None, scripted: Scripted, python_helper: ModuleType, client: str, rpc: str
+) -> None:
+    result, received = scripted_call(client, scripted, python_helper, rpc, {"user": "alice"}, {}, model=MISSING)
+    assert received == ["alice"]
+    error_of(result, grpc.StatusCode.NOT_FOUND)
+    assert result["replica"] == REPLICA
 
 
 README = (ROOT / "README.md").read_text()

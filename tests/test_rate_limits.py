@@ -60,13 +60,19 @@ def test_sdk_raises_rate_limit_error(limited: Stack) -> None:
     assert caught.value.response.headers["retry-after"]
 
 
-def test_token_limit_counts_real_usage(limited: Stack) -> None:
+def test_tokens_are_reserved_by_max_tokens_and_settled_to_real_usage(limited: Stack) -> None:
     key = KEYS[1]
-    first = post(limited, key, max_tokens=420, logit_bias=NO_END_BIAS)  # ~450 tokens: over the 400/min budget
-    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 400
-    second = post(limited, key)
+    # Reserved at admission: the prompt's estimate (its bytes / 4) plus max_tokens, so the remaining tokens drop
+    # by more than 300 before a token is generated.
+    first = post(limited, key, max_tokens=300, logit_bias=NO_END_BIAS)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 300
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100
+    # Settled to its real usage (~330): what is left does not cover another 100-token reply...
+    second = post(limited, key, max_tokens=100)
     assert second.status_code == 429 and second.json()["error"]["type"] == "tokens"
     assert int(second.headers["retry-after"]) >= 1
+    # ...but does a 2-token one.
+    assert post(limited, key, max_tokens=2).status_code == 200
 
 
 def test_grpc_callers_get_resource_exhausted(limited: Stack) -> None:

@@ -1,11 +1,12 @@
 """Replicas behind the one Envoy edge (three gRPC servers on loopback standing in for three machines): spreading,
-cache affinity by `prompt_cache_key`, retries of a full replica's refusal on another, draining."""
+cache affinity by `prompt_cache_key`, retries of a full replica's refusal on another, draining; for HTTP callers and
+for gRPC callers of the edge's internal listener (the Go, TypeScript and Python helpers)."""
 
 from __future__ import annotations
 
 import json
-import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,25 +18,14 @@ import httpx
 import pytest
 from google.protobuf import json_format
 
+import chatwire_client
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, NO_END, Stack, assert_valid, metric, parse_sse, run_stack
+from conftest import CONFORMANCE, MODEL, NO_END, Stack, assert_valid, metric, parse_sse, run_stack, small_replicas
 
 pytestmark = pytest.mark.scaleout
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-def small_replicas(tmp_path: Path, **settings: int) -> Path:
-    """The default model config with a smaller KV cache (three replicas share this machine) and `settings`."""
-    text = stack.DEFAULT_CONFIG.read_text().replace("kv_cells = 32768", "kv_cells = 8192")
-    text = text.replace("prefix_cache_tokens = 4096", "prefix_cache_tokens = 2048")
-    for name, value in settings.items():
-        text, found = re.subn(rf"^{name} = \d+$", f"{name} = {value}", text, flags=re.M)
-        assert found == 1, name
-    config = tmp_path / "models.toml"
-    config.write_text(text)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +50,12 @@ def envoy_counter(running: Stack, name: str) -> int:
     stats = httpx.get(f"http://127.0.0.1:{running.ports.admin}/stats?filter=^{name}$&format=json", timeout=10)
     values = [s.get("value", 0) for s in stats.json()["stats"] if s.get("name") == name]
     return int(values[0]) if values else 0
+
+
+def grpc_request(**body: Any) -> chat_completion_pb2.CreateChatCompletionRequest:
+    return json_format.ParseDict(
+        {"model": MODEL, "messages": HI, "max_tokens": 4, **body}, chat_completion_pb2.CreateChatCompletionRequest()
+    )
 
 
 def key_on(running: Stack, replica: str) -> str:
@@ -116,6 +112,51 @@ def test_a_conversation_stays_on_the_replica_that_caches_it(replicas: Stack) -> 
     assert all(tokens > 0 for tokens in cached[1:]), cached
 
 
+def test_grpc_streams_through_the_edge_from_go_and_typescript_spread_over_all_replicas(
+    built_clients: None, replicas: Stack
+) -> None:
+    payload = {
+        "address": replicas.grpc_edge_target,
+        "rpc": "stream",
+        "request": {"model": MODEL, "messages": HI, "max_tokens": 24, **NO_END},
+    }
+    callers = [
+        subprocess.Popen(
+            CONFORMANCE[language], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for language in ("go", "typescript") * 6
+    ]
+    results = []
+    for caller in callers:
+        out, err = caller.communicate(json.dumps(payload), timeout=180)
+        assert caller.returncode == 0, err
+        results.append(json.loads(out))
+    assert all("error" not in r and r["chunks"][-1]["choices"][0]["finish_reason"] == "length" for r in results), (
+        results
+    )
+    assert {r["replica"] for r in results} == {r.name for r in replicas.replicas}, [r["replica"] for r in results]
+
+
+def test_a_grpc_conversation_with_an_affinity_key_stays_on_the_replica_that_caches_it(replicas: Stack) -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a terse assistant. " * 20},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    served, cached = [], []
+    # The Python helper's channel sends the request's prompt_cache_key as `x-chatwire-affinity` metadata.
+    with chatwire_client.channel(replicas.grpc_edge_target) as channel:
+        stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        for turn in range(6):
+            request = grpc_request(messages=messages, max_tokens=8, prompt_cache_key="grpc-conversation-7")
+            reply, call = stub.CreateChatCompletion.with_call(request, timeout=60)
+            served.append(chatwire_client.replica(call))
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            answer = reply.choices[0].message.content.string_value
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"Another ({turn})."}]
+    assert len(set(served)) == 1 and served[0] in {r.name for r in replicas.replicas}, served
+    assert all(tokens > 0 for tokens in cached[1:]), cached
+
+
 def test_keys_pick_replicas_and_other_requests_balance(replicas: Stack) -> None:
     by_key = {key: {replica_of(chat(replicas, user=key)) for _ in range(3)} for key in ("alice", "bob", "carol")}
     assert all(len(served) == 1 for served in by_key.values()), by_key  # each key sticks
@@ -166,12 +207,12 @@ def test_a_full_replica_refusal_is_retried_on_another(one_slot_replicas: Stack) 
     deadline = time.monotonic() + 30
     while (metric(full.metrics, "chatwire_running_requests") or 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    retried = envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success")
+    retried = envoy_counter(running, "cluster.chatwire_grpc.upstream_rq_retry_success")
     reply = chat(running, prompt_cache_key=key)
     holder.join()
     assert reply.status_code == 200, reply.text
     assert replica_of(reply) != full.name
-    assert envoy_counter(running, "cluster.chatwire_grpc_affinity.upstream_rq_retry_success") == retried + 1
+    assert envoy_counter(running, "cluster.chatwire_grpc.upstream_rq_retry_success") == retried + 1
 
 
 def test_when_every_replica_is_full_the_client_gets_the_429(one_slot_replicas: Stack) -> None:
@@ -228,33 +269,87 @@ def test_a_draining_replica_finishes_its_streams_and_takes_no_new_requests(dispo
         time.sleep(stack.HOSTS_SETTLE_S)  # Envoy's worker threads act on it a moment after its admin API shows it
         # ...then new requests, with its key and without, are served by the others while its stream goes on.
         during = [chat(disposable, prompt_cache_key=key), chat(disposable), chat(disposable, stream=True)]
+        with chatwire_client.channel(disposable.grpc_edge_target) as channel:
+            stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+            grpc_during = [
+                chatwire_client.replica(stub.CreateChatCompletion.with_call(grpc_request(**body), timeout=60)[1])
+                for body in ({"prompt_cache_key": key}, {})
+            ]
         rest = "\n".join(lines)
     assert [r.status_code for r in during] == [200, 200, 200], [r.text for r in during]
-    assert draining.name not in {replica_of(r) for r in during}
+    assert draining.name not in {replica_of(r) for r in during} | set(grpc_during), grpc_during
     # Its own stream ran to the end it asked for.
     assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest, rest[-300:]
     assert draining.process.wait(30) == 0
 
 
 def test_a_killed_replica_is_routed_around(disposable: Stack) -> None:
-    victim = disposable.replicas[0]
+    victim, *others = disposable.replicas
     assert victim.process is not None
     key = key_on(disposable, victim.name)
-    body = {"model": MODEL, "messages": HI, "max_tokens": 300, "stream": True, "prompt_cache_key": key, **NO_END}
-    with httpx.stream("POST", f"{disposable.base_url}/chat/completions", json=body, timeout=30) as stream:
-        assert replica_of(stream) == victim.name
-        lines = stream.iter_lines()
-        next(lines)
-        victim.process.kill()
-        # Its stream ends at once (Envoy resets it: no error event yet), rather than hanging.
-        with pytest.raises(httpx.RemoteProtocolError):
-            for _ in lines:
-                pass
+    long = {"max_tokens": 2000, **NO_END}  # about 20 s: far beyond the test
+    # The load bound lets one replica take only its share of what is in flight: a long stream on each other
+    # replica first, so that the victim may hold three calls.
+    fillers = [
+        httpx.stream(
+            "POST",
+            f"{disposable.base_url}/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": HI,
+                "stream": True,
+                "prompt_cache_key": key_on(disposable, r.name),
+                **long,
+            },
+            timeout=60,
+        )
+        for r in others
+    ]
+    with fillers[0] as first, fillers[1] as second:
+        assert {replica_of(first), replica_of(second)} == {r.name for r in others}
+        body = {"model": MODEL, "messages": HI, "stream": True, "prompt_cache_key": key, **long}
+        with (
+            httpx.stream("POST", f"{disposable.base_url}/chat/completions", json=body, timeout=30) as stream,
+            chatwire_client.channel(disposable.grpc_edge_target) as channel,
+            chatwire_client.channel(disposable.grpc_edge_target) as unary_channel,
+        ):
+            assert replica_of(stream) == victim.name
+            lines = stream.iter_lines()
+            next(lines)
+            stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+            grpc_stream = stub.StreamChatCompletion(grpc_request(prompt_cache_key=key, **long), timeout=30)
+            next(grpc_stream)
+            assert chatwire_client.replica(grpc_stream) == victim.name
+            # Another caller, on its own connection.
+            other_caller = chat_service_pb2_grpc.ChatServiceStub(unary_channel)
+            unary = other_caller.CreateChatCompletion.future(grpc_request(prompt_cache_key=key, **long), timeout=30)
+            deadline = time.monotonic() + 10
+            while (metric(victim.metrics, "chatwire_running_requests") or 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert metric(victim.metrics, "chatwire_running_requests") == 3
+            victim.process.kill()
+            # Every call in flight on it ends at once, never hangs. The HTTP stream is cut (no error event yet); a
+            # gRPC call whose reply had not begun (unary) is UNAVAILABLE; a gRPC stream that had begun is reset by
+            # Envoy, which gRPC reports as INTERNAL (RST_STREAM) (docs/design.md, "Internal gRPC through the edge").
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in lines:
+                    pass
+            assert unary.exception(timeout=5).code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
+            with pytest.raises(grpc.RpcError) as reset:
+                for _ in grpc_stream:
+                    pass
+            assert reset.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
     # New requests, its key's included, go to the others: connection failures are retried elsewhere, and
-    # Envoy takes the replica out (outlier ejection or failed health checks) in both clusters.
+    # Envoy takes the replica out (outlier ejection or failed health checks).
     replies = [chat(disposable, prompt_cache_key=key)] + [chat(disposable) for _ in range(9)]
     assert [r.status_code for r in replies] == [200] * 10, [r.text for r in replies]
     assert victim.name not in {replica_of(r) for r in replies}
+    with chatwire_client.channel(disposable.grpc_edge_target) as channel:
+        stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        served = [
+            stub.CreateChatCompletion.with_call(grpc_request(prompt_cache_key=key), timeout=30)[1] for _ in range(3)
+        ]
+    assert victim.name not in {chatwire_client.replica(call) for call in served}
     deadline = time.monotonic() + 10
     while healthy_hosts(disposable, f":{victim.grpc}") and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,16 @@ CACHED_TOKENS = Counter(
 )
 COMPLETION_TOKENS = Counter(
     "chatwire_completion_tokens_total", "Generated tokens, over all choices.", ["model"], registry=REGISTRY
+)
+RATE_LIMIT_STORE_FAILURES = Counter(
+    "chatwire_rate_limit_store_failures_total",
+    "Calls to the shared rate-limit store that failed or timed out (each then used the configured policy).",
+    registry=REGISTRY,
+)
+RATE_LIMIT_STORE_UP = Gauge(
+    "chatwire_rate_limit_store_up",
+    "1 while budgets are kept in the shared store, 0 while the last call to it failed.",
+    registry=REGISTRY,
 )
 ENGINE_RESTARTS = Counter(
     "chatwire_engine_restarts_total",

@@ -19,8 +19,8 @@ from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
 from chatwire_server import logs, metrics
 from chatwire_server.api import rpc
 from chatwire_server.api.auth import Authenticator
-from chatwire_server.api.ratelimit import RateLimiter
 from chatwire_server.api.servicer import ChatServicer
+from chatwire_server.limits import Limiter
 from chatwire_server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     bound_metrics = metrics.serve(metrics_host, metrics_port)
     log.info("metrics", extra={"url": f"http://{metrics_host}:{bound_metrics}/metrics"})
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    limiter = RateLimiter(
-        requests_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_RPM", "0")),
-        tokens_per_minute=int(os.environ.get("CHATWIRE_RATE_LIMIT_TPM", "0")),
-    )
+    limiter = Limiter.from_environment()
     # Replicas tell callers (and the edge's access log) which of them answered: a pod's name in Kubernetes.
     replica = os.environ.get("CHATWIRE_REPLICA") or default_replica_name(port)
     servicer = ChatServicer(registry, authenticator, limiter, replica=replica)
@@ -75,7 +72,13 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     log.info(
-        "serving", extra={"address": f"{host}:{bound}", "replica": replica, "models": [e.id for e in registry.all()]}
+        "serving",
+        extra={
+            "address": f"{host}:{bound}",
+            "replica": replica,
+            "models": [e.id for e in registry.all()],
+            "rate_limits": limiter.where,
+        },
     )
 
     stop = asyncio.Event()
@@ -90,6 +93,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     await asyncio.sleep(DRAIN_NOTICE_S)
     await server.stop(SHUTDOWN_GRACE_S)
     await registry.close()
+    await limiter.close()
     log.info("stopped")
 
 

@@ -14,6 +14,7 @@ import (
 
 	chatwirev1 "github.com/chatwire/chatwire/gen/go/chatwire/v1"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -92,6 +93,150 @@ func Text(value *structpb.Value) string {
 // WithAPIKey returns a context whose calls carry the API key as `authorization: Bearer <key>` metadata.
 func WithAPIKey(ctx context.Context, key string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+}
+
+// AffinityHeader is the metadata that keys a chat call to a replica: Envoy's gRPC listener cannot read protobuf
+// bodies, so it hashes this header to send a conversation's calls to the replica whose prefix cache holds it.
+const AffinityHeader = "x-chatwire-affinity"
+
+// ReplicaHeader is the metadata in every reply that names the replica that served it.
+const ReplicaHeader = "x-chatwire-replica"
+
+// maxAffinityKey bounds the header, as the HTTP edge does: longer keys are hashed on their first 256 bytes.
+const maxAffinityKey = 256
+
+const streamChat = "/chatwire.v1.ChatService/StreamChatCompletion"
+
+// AffinityKey is the key a chat request is balanced by: the first of prompt_cache_key, safety_identifier and user
+// (most specific first) that is set and printable ASCII, cut to its first 256 bytes; "" when none is. It is the
+// HTTP edge's rule for JSON bodies, except that the edge also keys by UTF-8 values: gRPC metadata is printable
+// ASCII only (grpcio and newer grpc-go fail the call otherwise), so here such a value is skipped, as the edge
+// skips one with control characters.
+func AffinityKey(request *chatwirev1.CreateChatCompletionRequest) string {
+	for _, key := range []string{request.GetPromptCacheKey(), request.GetSafetyIdentifier(), request.GetUser()} {
+		if key != "" && printable(key) {
+			if len(key) > maxAffinityKey {
+				key = key[:maxAffinityKey]
+			}
+			return key
+		}
+	}
+	return ""
+}
+
+func printable(key string) bool {
+	for i := 0; i < len(key); i++ {
+		if key[i] < 0x20 || key[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// withAffinity adds the request's AffinityKey to ctx's metadata, unless the caller set the header itself.
+func withAffinity(ctx context.Context, request *chatwirev1.CreateChatCompletionRequest) context.Context {
+	md, _ := metadata.FromOutgoingContext(ctx)
+	if key := AffinityKey(request); key != "" && len(md.Get(AffinityHeader)) == 0 {
+		return metadata.AppendToOutgoingContext(ctx, AffinityHeader, key)
+	}
+	return ctx
+}
+
+// UnaryAffinity is a unary client interceptor that sends CreateChatCompletion's AffinityKey as AffinityHeader
+// metadata (unless the call already carries that header). Dial with it and StreamAffinity:
+//
+//	grpc.Dial(addr, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
+//		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
+func UnaryAffinity(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if request, ok := req.(*chatwirev1.CreateChatCompletionRequest); ok {
+		ctx = withAffinity(ctx, request)
+	}
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+// StreamAffinity is UnaryAffinity for StreamChatCompletion. A stream sends its headers when it opens, before its
+// request, so this one opens it at the first SendMsg (which the generated client makes at once), key in hand.
+func StreamAffinity(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+	streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	if method != streamChat {
+		return streamer(ctx, desc, cc, method, opts...)
+	}
+	return &keyedStream{ctx: ctx, open: func(ctx context.Context) (grpc.ClientStream, error) {
+		return streamer(ctx, desc, cc, method, opts...)
+	}}, nil
+}
+
+// keyedStream opens its stream at its first use, keyed by the request if that use is SendMsg(request).
+type keyedStream struct {
+	ctx    context.Context
+	open   func(context.Context) (grpc.ClientStream, error)
+	stream grpc.ClientStream
+	err    error
+}
+
+func (s *keyedStream) opened(message interface{}) error {
+	if s.stream == nil && s.err == nil {
+		ctx := s.ctx
+		if request, ok := message.(*chatwirev1.CreateChatCompletionRequest); ok {
+			ctx = withAffinity(ctx, request)
+		}
+		s.stream, s.err = s.open(ctx)
+	}
+	return s.err
+}
+
+func (s *keyedStream) SendMsg(m interface{}) error {
+	if err := s.opened(m); err != nil {
+		return err
+	}
+	return s.stream.SendMsg(m)
+}
+
+func (s *keyedStream) RecvMsg(m interface{}) error {
+	if err := s.opened(nil); err != nil {
+		return err
+	}
+	return s.stream.RecvMsg(m)
+}
+
+func (s *keyedStream) CloseSend() error {
+	if err := s.opened(nil); err != nil {
+		return err
+	}
+	return s.stream.CloseSend()
+}
+
+func (s *keyedStream) Header() (metadata.MD, error) {
+	if err := s.opened(nil); err != nil {
+		return nil, err
+	}
+	return s.stream.Header()
+}
+
+func (s *keyedStream) Trailer() metadata.MD {
+	if s.stream == nil {
+		return nil
+	}
+	return s.stream.Trailer()
+}
+
+func (s *keyedStream) Context() context.Context {
+	if s.stream == nil {
+		return s.ctx
+	}
+	return s.stream.Context()
+}
+
+// Replica is the replica that served a call, from its ReplicaHeader: in the reply's header, or in the trailer of a
+// call refused before any reply; "" when neither names one.
+func Replica(header, trailer metadata.MD) string {
+	for _, md := range []metadata.MD{header, trailer} {
+		if values := md.Get(ReplicaHeader); len(values) > 0 {
+			return values[0]
+		}
+	}
+	return ""
 }
 
 // Error is what a failed call says: the gRPC status, its google.rpc details, and the OpenAI error body.

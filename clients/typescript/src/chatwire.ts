@@ -8,6 +8,7 @@
 import { fromJson, toJson, type DescMessage, type JsonObject, type MessageShape } from "@bufbuild/protobuf";
 import type { Value } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { createAsyncIterable } from "@connectrpc/connect/protocol";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import {
@@ -19,9 +20,23 @@ import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_detail
 
 export { ChatService };
 
-/** A ChatService client for `address` (host:port, plaintext HTTP/2); `apiKey` goes out as `authorization`. */
+/**
+ * The metadata that keys a chat call to a replica: Envoy's gRPC listener cannot read protobuf bodies, so it hashes
+ * this header to send a conversation's calls to the replica whose prefix cache holds it.
+ */
+export const AFFINITY_HEADER = "x-chatwire-affinity";
+/** The metadata in every reply that names the replica that served it. */
+export const REPLICA_HEADER = "x-chatwire-replica";
+// Longer keys are hashed on their first 256 bytes, as at the HTTP edge: the header stays small.
+const MAX_AFFINITY_KEY = 256;
+const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
+
+/**
+ * A ChatService client for `address` (host:port, plaintext HTTP/2); `apiKey` goes out as `authorization`. Chat
+ * calls carry their `affinityKey` (see `affinityInterceptor`).
+ */
 export function chatwireClient(address: string, options: { apiKey?: string } = {}): Client<typeof ChatService> {
-  const interceptors: Interceptor[] = [];
+  const interceptors: Interceptor[] = [affinityInterceptor];
   if (options.apiKey) {
     const bearer = `Bearer ${options.apiKey}`;
     interceptors.push((next) => (request) => {
@@ -30,6 +45,55 @@ export function chatwireClient(address: string, options: { apiKey?: string } = {
     });
   }
   return createClient(ChatService, createGrpcTransport({ baseUrl: `http://${address}`, interceptors }));
+}
+
+/**
+ * The key a chat request is balanced by: the first of `prompt_cache_key`, `safety_identifier` and `user` (most
+ * specific first) that is set and printable ASCII, cut to its first 256 bytes; undefined when none is. It is the HTTP
+ * edge's rule for JSON bodies, except that the edge also keys by UTF-8 values: gRPC metadata is printable ASCII only
+ * (grpcio and newer grpc-go fail the call otherwise), so here such a value is skipped, as the edge skips one with
+ * control characters.
+ */
+export function affinityKey(request: CreateChatCompletionRequest): string | undefined {
+  for (const key of [request.promptCacheKey, request.safetyIdentifier, request.user]) {
+    if (key && PRINTABLE_ASCII.test(key)) return key.slice(0, MAX_AFFINITY_KEY);
+  }
+  return undefined;
+}
+
+/**
+ * Sends a chat request's `affinityKey` as `x-chatwire-affinity`, unless the call already carries that header (e.g.
+ * from the `headers` call option). `chatwireClient` installs it; add it to your own transport's `interceptors`.
+ */
+export const affinityInterceptor: Interceptor = (next) => async (req) => {
+  if (req.method.input !== CreateChatCompletionRequestSchema || req.header.has(AFFINITY_HEADER)) return next(req);
+  if (!req.stream) {
+    setAffinity(req.header, req.message as CreateChatCompletionRequest);
+    return next(req);
+  }
+  if (req.method.methodKind !== "server_streaming") return next(req);
+  // Here a server-streaming call's one request is an iterable that can be read once: read it, then pass it on anew.
+  const messages: CreateChatCompletionRequest[] = [];
+  for await (const message of req.message) messages.push(message as CreateChatCompletionRequest);
+  if (messages.length) setAffinity(req.header, messages[0]);
+  return next({ ...req, message: createAsyncIterable(messages) });
+};
+
+function setAffinity(header: Headers, request: CreateChatCompletionRequest): void {
+  const key = affinityKey(request);
+  if (key) header.set(AFFINITY_HEADER, key);
+}
+
+/**
+ * The replica that served a call, from the first of `metadata` that names one: the reply's headers (`onHeader`),
+ * then its trailers (`onTrailer`), or a failed call's `ConnectError.metadata`; null when none does.
+ */
+export function replica(...metadata: (Headers | undefined)[]): string | null {
+  for (const headers of metadata) {
+    const name = headers?.get(REPLICA_HEADER);
+    if (name) return name;
+  }
+  return null;
 }
 
 /** The gRPC request for an OpenAI Chat Completions request body (unknown keys are an error, as on HTTP). */

@@ -3,6 +3,8 @@
  *
  *   node dist/example.js "Say hello."      (CHATWIRE_GRPC=host:port, default 127.0.0.1:50051; CHATWIRE_API_KEY)
  */
+import { randomUUID } from "node:crypto";
+
 import { Code } from "@connectrpc/connect";
 
 import { chatRequest, chatwireClient, chatwireError, text } from "./chatwire.js";
@@ -10,11 +12,14 @@ import { chatRequest, chatwireClient, chatwireError, text } from "./chatwire.js"
 const client = chatwireClient(process.env.CHATWIRE_GRPC ?? "127.0.0.1:50051", {
   apiKey: process.env.CHATWIRE_API_KEY,
 });
-// The request is OpenAI's JSON; fromJson fills the Value and Struct fields.
+// The request is OpenAI's JSON; fromJson fills the Value and Struct fields. Both calls below share the conversation,
+// so they share a prompt_cache_key: the client sends it as x-chatwire-affinity metadata, and behind Envoy's gRPC
+// listener the second call finds its prefix cached on the same replica.
 const body = {
   model: "smollm2-135m-instruct",
   messages: [{ role: "user", content: process.argv[2] ?? "Say hello." }],
   max_tokens: 48,
+  prompt_cache_key: `example-${randomUUID()}`,
 };
 
 try {

@@ -68,6 +68,20 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
     )
 
 
+def reply_bounds(request: pb.CreateChatCompletionRequest) -> tuple[int, int | None, int]:
+    """What a token budget reserves by, read before validation (out-of-range values are refused later, and a
+    refused request is charged nothing): the request's size in bytes, its replies' token maximum if it sets one,
+    and its number of choices."""
+    if request.HasField("max_completion_tokens"):
+        maximum: int | None = max(0, request.max_completion_tokens)
+    elif request.HasField("max_tokens"):
+        maximum = max(0, request.max_tokens)
+    else:
+        maximum = None
+    choices = min(max(request.n, 1), 128) if request.HasField("n") else 1
+    return request.ByteSize(), maximum, choices
+
+
 def relay_request_from_proto(
     request: pb.CreateChatCompletionRequest, inputs: frozenset[str] = frozenset(INPUT_KINDS)
 ) -> dict[str, Any]:

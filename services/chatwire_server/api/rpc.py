@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire_server import metrics
 from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError, InvalidRequestError
+from chatwire_server.limits import Admission
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, serve
 
 
 Response = TypeVar("Response")
-# The key id of the RPC being served (each RPC runs in its own task, so its own context).
-CALLER_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("chatwire_caller_key", default="open")
+# The RPC being served's admission: its caller's key id and its charge, which the handler reports usage to (each
+# RPC runs in its own task, so its own context).
+ADMISSION: contextvars.ContextVar[Admission] = contextvars.ContextVar("chatwire_admission")
 
 
 class Service(Protocol):
@@ -98,7 +100,9 @@ class Service(Protocol):
     # This replica's name, returned with every reply (success or error) as `x-chatwire-replica` metadata.
     replica: str
 
-    def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]: ...
+    async def admit(self, context: grpc.aio.ServicerContext, request: Any) -> Admission: ...
+
+    def settle(self, admission: Admission) -> None: ...
 
     def model_label(self, request: Any) -> str: ...
 
@@ -159,6 +163,20 @@ def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) 
         metrics.REQUEST_SECONDS.labels(method, model).observe(duration)
 
 
+@contextlib.asynccontextmanager
+async def _admitted(
+    service: Service, context: grpc.aio.ServicerContext, request: Any, record: dict[str, Any]
+) -> AsyncGenerator[Admission, None]:
+    """The call admitted by its key and budgets, for the handler's duration; settled when it ends, however."""
+    admission = await service.admit(context, request)
+    record["key"] = admission.key
+    ADMISSION.set(admission)
+    try:
+        yield admission
+    finally:
+        service.settle(admission)
+
+
 def unary_errors(
     handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
@@ -170,10 +188,10 @@ def unary_errors(
             try:
                 if isinstance(request, Undecodable):
                     raise request.error()
-                record["key"], headers = self.admit(context, request)
-                response = await handler(self, request, context)
-                # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
-                await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
+                async with _admitted(self, context, request, record) as admission:
+                    response = await handler(self, request, context)
+                    # Only with a success: an error must stay a trailers-only reply, whose metadata the edge reads.
+                    await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *admission.headers])
                 return response
             except grpc.aio.AbortError:
                 raise
@@ -196,14 +214,15 @@ def stream_errors(
             try:
                 if isinstance(request, Undecodable):
                     raise request.error()
-                record["key"], headers = self.admit(context, request)
-                # Closed on the way out whatever happens, so that the engine stops at once (not when collected).
-                async with contextlib.aclosing(handler(self, request, context)) as responses:
-                    async for response in responses:
-                        if not started:  # with the first chunk (see the unary wrapper)
-                            await context.send_initial_metadata([(REPLICA_METADATA_KEY, self.replica), *headers])
-                        started = True
-                        yield response
+                async with _admitted(self, context, request, record) as admission:
+                    # Closed on the way out whatever happens, so that the engine stops at once (not when collected).
+                    async with contextlib.aclosing(handler(self, request, context)) as responses:
+                        async for response in responses:
+                            if not started:  # with the first chunk (see the unary wrapper)
+                                metadata = [(REPLICA_METADATA_KEY, self.replica), *admission.headers]
+                                await context.send_initial_metadata(metadata)
+                            started = True
+                            yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

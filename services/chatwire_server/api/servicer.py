@@ -17,9 +17,9 @@ from chatwire.v1 import chat_service_pb2_grpc, models_pb2
 from chatwire_server import metrics
 from chatwire_server.api import convert, relayed, rpc
 from chatwire_server.api.auth import Authenticator
-from chatwire_server.api.ratelimit import RateLimiter
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
 from chatwire_server.engines.base import RelayEngine
+from chatwire_server.limits import Admission, Limiter, Limits, Reservation
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
 
@@ -31,24 +31,30 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self,
         registry: ModelRegistry,
         authenticator: Authenticator | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         replica: str = "",
     ) -> None:
         self._registry = registry
         self._authenticator = authenticator or Authenticator([])
-        self._limiter = limiter or RateLimiter()
+        self._limiter = limiter or Limiter(Limits())
         self.replica = replica
 
-    def admit(self, context: grpc.aio.ServicerContext, request: Any) -> tuple[str, list[tuple[str, str]]]:
-        """Check the caller's key, its right to the requested model, and its rate limits before any work.
-        Returns the key id and the limits' state as metadata (the edge returns it as OpenAI's
+    async def admit(self, context: grpc.aio.ServicerContext, request: Any) -> Admission:
+        """Check the caller's key, its right to the requested model, and its rate limits before any work: one
+        request, and the tokens a chat request may cost reserved (settled to its real usage when it ends). The
+        admission carries the key id and the limits' state as metadata (the edge returns it as OpenAI's
         `x-ratelimit-*` headers). Health and reflection, separate services, stay open."""
         key = self._authenticator.key_id(dict(context.invocation_metadata() or ()))
         if model := getattr(request, "model", ""):
             self._authenticator.check_model(key, model)
-        headers = self._limiter.admit(key) if self._limiter.enabled else []
-        rpc.CALLER_KEY.set(key)
-        return key, headers
+        reservation = Reservation(0, 0)
+        if isinstance(request, pb.CreateChatCompletionRequest):
+            reservation = self._limiter.limits.reservation(*convert.reply_bounds(request))
+        return await self._limiter.admit(key, reservation)
+
+    def settle(self, admission: Admission) -> None:
+        """Charge the ended request's real usage instead of its reservation (in the background)."""
+        self._limiter.settle_later(admission)
 
     def model_label(self, request: Any) -> str:
         """The model a request names, for metrics: only served ids, so labels stay few."""
@@ -156,8 +162,11 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         started = time.monotonic()
         waiting_for_first = True
         finished: list[Finished] = []
+        admission = rpc.ADMISSION.get()
         async with aclosing(engine.generate(chat)) as events:
             async for event in events:
+                if isinstance(event, TextDelta):
+                    admission.produced()
                 if waiting_for_first and isinstance(event, TextDelta):
                     metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
                     waiting_for_first = False
@@ -173,8 +182,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             )
 
     def _count_tokens(self, model: str, prompt: int, cached: int, completion: int) -> None:
-        """Charge the caller's token allowance and count the tokens in the metrics."""
-        self._limiter.spend(rpc.CALLER_KEY.get(), prompt + completion)
+        """Report the request's usage to its admission and count the tokens in the metrics."""
+        rpc.ADMISSION.get().charge(prompt + completion)
         metrics.PROMPT_TOKENS.labels(model).inc(prompt)
         metrics.CACHED_TOKENS.labels(model).inc(cached)
         metrics.COMPLETION_TOKENS.labels(model).inc(completion)
@@ -217,6 +226,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                         chunk = {k: v for k, v in chunk.items() if k != "usage"}
                         if not chunk.get("choices"):
                             continue
+                if _has_output(chunk):
+                    rpc.ADMISSION.get().produced()
                 if waiting_for_first and _has_output(chunk):
                     metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
                     waiting_for_first = False
@@ -230,7 +241,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ListModelsResponse:
-        key = rpc.CALLER_KEY.get()
+        key = rpc.ADMISSION.get().key
         visible = [e for e in self._registry.all() if self._authenticator.may_use(key, e.id)]
         return models_pb2.ListModelsResponse(object="list", data=[convert.model_to_proto(e) for e in visible])
 

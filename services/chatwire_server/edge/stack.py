@@ -49,6 +49,8 @@ class Ports:
     grpc: int
     admin: int
     metrics: int = 9464
+    # The edge's internal gRPC listener (0: any free port, for stacks whose callers do not use it).
+    grpc_edge: int = 0
     # Further replicas of the service, behind the same edge: their gRPC and metrics ports.
     more_replicas: tuple[tuple[int, int], ...] = ()
 
@@ -88,11 +90,13 @@ def render_envoy_config(
     *,
     http_host: str = "127.0.0.1",
     grpc_host: str = "127.0.0.1",
+    grpc_edge_host: str | None = None,
     template: str | None = None,
     **overrides: str,
 ) -> str:
-    """gateway/envoy.yaml (or another version's text, `template`) with its placeholders filled: ports, then edge
-    settings from `overrides`, the environment, or their defaults."""
+    """gateway/envoy.yaml (or another version's text, `template`) with its placeholders filled: ports (the internal
+    gRPC listener on `http_host` unless `grpc_edge_host` says otherwise), then edge settings from `overrides`, the
+    environment, or their defaults."""
     settings = {name: overrides.get(name, os.environ.get(name, default)) for name, default in EDGE_SETTINGS.items()}
     endpoints = ", ".join(
         f"{{endpoint: {{address: {{socket_address: {{address: {grpc_host}, port_value: {port}}}}}}}}}"
@@ -101,6 +105,8 @@ def render_envoy_config(
     return string.Template(template or ENVOY_TEMPLATE.read_text()).substitute(
         CHATWIRE_HTTP_HOST=http_host,
         CHATWIRE_HTTP_PORT=ports.http,
+        CHATWIRE_GRPC_EDGE_HOST=grpc_edge_host or http_host,
+        CHATWIRE_GRPC_EDGE_PORT=ports.grpc_edge,
         CHATWIRE_ADMIN_PORT=ports.admin,
         CHATWIRE_GRPC_ENDPOINTS=f"[{endpoints}]",
         CHATWIRE_DESCRIPTOR=DESCRIPTOR,
@@ -155,6 +161,39 @@ def start_server(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+def start_redis(port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A redis-server (Debian's, which `make` installs) for the replicas' shared budgets: on loopback only, nothing
+    saved (a budget lost with it just refills)."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise FileNotFoundError("redis-server not found: `make run` installs Debian's redis-server for replicas")
+    options = ("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+    return subprocess.Popen([binary, *options], stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_redis(port: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Block until the redis-server on `port` answers PING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _fail_if_exited(process, "redis-server")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"redis-server on port {port} not answering after {timeout:.0f}s")
+
+
+def wants_local_store(replicas: int, environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether `make run` starts a redis-server of its own: several replicas, a rate limit set, and no store
+    named (one replica keeps its budgets in process and starts nothing more)."""
+    limited = any(int(environ.get(name, "0") or 0) for name in ("CHATWIRE_RATE_LIMIT_RPM", "CHATWIRE_RATE_LIMIT_TPM"))
+    return replicas > 1 and limited and not environ.get("CHATWIRE_REDIS_URL")
 
 
 def start_envoy(config_path: Path, base_id: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -263,7 +302,14 @@ def launched(logs: Path, name: str, replicas: int = 1) -> Iterator[Launched]:
     replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log. For the benchmarks: the
     tests have their own fixtures, `make run` supervises its processes."""
     more = tuple((free_port(), free_port()) for _ in range(replicas - 1))
-    ports = Ports(http=free_port(), grpc=free_port(), admin=free_port(), metrics=free_port(), more_replicas=more)
+    ports = Ports(
+        http=free_port(),
+        grpc=free_port(),
+        admin=free_port(),
+        metrics=free_port(),
+        grpc_edge=free_port(),
+        more_replicas=more,
+    )
     config = logs / f"{name}-envoy.yaml"
     config.write_text(render_envoy_config(ports))
     with contextlib.ExitStack() as files:
@@ -352,6 +398,7 @@ def main() -> None:
         grpc=grpc_port,
         admin=int(os.environ.get("CHATWIRE_ADMIN_PORT", "9901")),
         metrics=metrics_port,
+        grpc_edge=int(os.environ.get("CHATWIRE_GRPC_EDGE_PORT", "50050")),
         more_replicas=tuple((grpc_port + i, metrics_port + i) for i in range(1, replicas)),
     )
     run_dir = REPO / "build" / "run"
@@ -374,7 +421,16 @@ def main() -> None:
         return start_envoy(envoy_config, base_id=ports.admin, log=sys.stdout.buffer)
 
     children: list[Supervised] = []
+    store = ""
     try:
+        if wants_local_store(replicas):
+            redis_port = int(os.environ.get("CHATWIRE_REDIS_PORT", "6379"))
+            redis = start_redis(redis_port, sys.stdout.buffer)
+            children.append(Supervised("redis-server", lambda: start_redis(redis_port, sys.stdout.buffer), redis))
+            wait_for_redis(redis_port, redis)
+            # The replicas inherit it.
+            os.environ["CHATWIRE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            store = f"  Shared budgets   {os.environ['CHATWIRE_REDIS_URL']} (redis-server, started with the stack)\n"
         # A process that fails to start the first time (a bad config, a port in use) stops the stack: starting
         # it again would fail the same way.
         servers = []
@@ -394,12 +450,15 @@ def main() -> None:
         print(
             f"\nchatwire is up ({replicas} replica{'s' if replicas > 1 else ''} behind the edge):\n"
             f"  OpenAI HTTP API  http://127.0.0.1:{ports.http}/v1/chat/completions\n"
-            f"  gRPC API         {grpc_addresses} (chatwire.v1.ChatService, reflection on)\n"
+            f"  gRPC API         127.0.0.1:{ports.grpc_edge} (chatwire.v1.ChatService through the edge: balanced,"
+            " affinity by x-chatwire-affinity metadata)\n"
+            f"  Replicas' gRPC   {grpc_addresses} (each one directly, reflection on)\n"
             f"  Health           http://127.0.0.1:{ports.http}/health\n"
             f"  Service metrics  {metrics_urls} (Prometheus)\n"
             f"  Envoy stats      http://127.0.0.1:{ports.admin}/stats/prometheus\n"
             f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"
             f"  API keys         {'on' if auth_on else 'OFF: anyone who reaches the ports can use it'}\n"
+            f"{store}"
             "Ctrl-C stops them all.\n",
             flush=True,
         )

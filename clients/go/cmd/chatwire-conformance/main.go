@@ -1,8 +1,10 @@
 // Command chatwire-conformance runs one of tests/test_polyglot.py's scenarios against a live server. It reads
 //
-//	{"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?}
+//	{"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?,
+//	 "metadata"?: {name: value}}
 //
-// from stdin and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}.
+// from stdin and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}, each with
+// "replica" (the x-chatwire-replica the call received, or null).
 package main
 
 import (
@@ -21,12 +23,13 @@ import (
 )
 
 type call struct {
-	Address     string          `json:"address"`
-	APIKey      string          `json:"api_key"`
-	RPC         string          `json:"rpc"`
-	Request     json.RawMessage `json:"request"`
-	TimeoutMS   int             `json:"timeout_ms"`
-	CancelAfter int             `json:"cancel_after"`
+	Address     string            `json:"address"`
+	APIKey      string            `json:"api_key"`
+	RPC         string            `json:"rpc"`
+	Request     json.RawMessage   `json:"request"`
+	TimeoutMS   int               `json:"timeout_ms"`
+	CancelAfter int               `json:"cancel_after"`
+	Metadata    map[string]string `json:"metadata"`
 }
 
 func main() {
@@ -38,7 +41,8 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	conn, err := grpc.Dial(c.Address, grpc.WithInsecure())
+	conn, err := grpc.Dial(c.Address, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
+		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -54,11 +58,15 @@ func main() {
 	if c.APIKey != "" {
 		ctx = chatwire.WithAPIKey(ctx, c.APIKey)
 	}
+	for name, value := range c.Metadata {
+		ctx = metadata.AppendToOutgoingContext(ctx, name, value)
+	}
 
 	result := map[string]any{}
 	if c.RPC == "unary" {
-		var trailer metadata.MD
-		reply, err := client.CreateChatCompletion(ctx, request, grpc.Trailer(&trailer))
+		var header, trailer metadata.MD
+		reply, err := client.CreateChatCompletion(ctx, request, grpc.Header(&header), grpc.Trailer(&trailer))
+		result["replica"] = replica(header, trailer)
 		if err != nil {
 			result["error"] = describe(chatwire.ErrorOf(err, trailer))
 		} else {
@@ -78,11 +86,13 @@ func main() {
 			}
 		}
 		result["chunks"] = chunks
+		var header, trailer metadata.MD
+		if stream != nil {
+			header, _ = stream.Header()
+			trailer = stream.Trailer()
+		}
+		result["replica"] = replica(header, trailer)
 		if err != io.EOF {
-			var trailer metadata.MD
-			if stream != nil {
-				trailer = stream.Trailer()
-			}
 			result["error"] = describe(chatwire.ErrorOf(err, trailer))
 		}
 	}
@@ -97,6 +107,14 @@ func openai(message proto.Message) json.RawMessage {
 		log.Fatal(err)
 	}
 	return raw
+}
+
+// replica is chatwire.Replica, null when the call received none.
+func replica(header, trailer metadata.MD) any {
+	if name := chatwire.Replica(header, trailer); name != "" {
+		return name
+	}
+	return nil
 }
 
 func describe(err *chatwire.Error) map[string]any {

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -29,7 +30,10 @@ func main() {
 		prompt = flag.Arg(0)
 	}
 
-	conn, err := grpc.Dial(*addr, grpc.WithInsecure())
+	// The affinity interceptors send each chat request's key (prompt_cache_key, else safety_identifier, else user)
+	// as x-chatwire-affinity metadata: behind Envoy's gRPC listener, the key's calls reach one replica.
+	conn, err := grpc.Dial(*addr, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
+		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -46,11 +50,17 @@ func main() {
 		ctx = chatwire.WithAPIKey(ctx, *key)
 	}
 
-	// The request is OpenAI's JSON; protojson fills the Value and Struct fields.
+	// The request is OpenAI's JSON; protojson fills the Value and Struct fields. Both calls below share the
+	// conversation, so they share a prompt_cache_key: the second finds its prefix cached on the same replica.
+	conversation := make([]byte, 8)
+	if _, err := rand.Read(conversation); err != nil {
+		log.Fatal(err)
+	}
 	body, _ := json.Marshal(map[string]any{
-		"model":      "smollm2-135m-instruct",
-		"messages":   []map[string]any{{"role": "user", "content": prompt}},
-		"max_tokens": 48,
+		"model":            "smollm2-135m-instruct",
+		"messages":         []map[string]any{{"role": "user", "content": prompt}},
+		"max_tokens":       48,
+		"prompt_cache_key": fmt.Sprintf("example-%x", conversation),
 	})
 	request, err := chatwire.Request(body)
 	if err != nil {
