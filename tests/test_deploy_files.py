@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -21,14 +24,48 @@ REPO = Path(__file__).resolve().parents[1]
 # 1.29.2 wheel, the registry package that ships it. It predates the top-level `name` key, so the compose
 # file does not use it.
 COMPOSE_SCHEMA = REPO / "build" / "compose_spec.json"
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def image_defaults(dockerfile: Path) -> dict[str, str]:
+    """The variables a Dockerfile's ENV instructions set, with their values."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    words = [w for line in text.splitlines() if line.startswith("ENV ") for w in shlex.split(line[4:])]
+    return dict(w.split("=", 1) for w in words)
+
+
+GATEWAY_IMAGE = image_defaults(REPO / "gateway" / "Dockerfile")
 
 
 def test_compose_file_follows_the_compose_spec() -> None:
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text())).validate(compose)
-    for name, service in compose["services"].items():
+    jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text())).validate(COMPOSE)
+    for name, service in COMPOSE["services"].items():
+        if "build" not in service:
+            # A registry image (Redis): a fixed version, not whatever `latest` is that day.
+            assert re.fullmatch(r"[a-z0-9./-]+:\d+\.\d+\.\d+[-a-z0-9.]*", service["image"]), name
+            continue
         dockerfile = REPO / service["build"]["context"] / service["build"]["dockerfile"]
         assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+
+
+def test_compose_services_fit_together() -> None:
+    services = COMPOSE["services"]
+    # The replicas share their rate limits through the redis service, up (healthy) before them.
+    store = urlsplit(services["chatwire"]["environment"]["CHATWIRE_REDIS_URL"])
+    assert store.scheme == "redis" and re.fullmatch(r"/\d+", store.path)
+    assert store.hostname in services["chatwire"]["depends_on"]
+    redis = services[store.hostname]
+    assert redis["image"].startswith("redis:") and "redis-cli" in redis["healthcheck"]["test"]
+    assert store.port == 6379 and "--port" not in redis["command"]  # redis-server's default port
+    # Nothing written to disk: the budgets refill on a restart.
+    command = redis["command"]
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+    # The gateway publishes its two listeners, at the ports its image gives them.
+    gateway = services["gateway"]
+    published = {int(mapping.rsplit(":", 1)[1]) for mapping in gateway["ports"]}
+    edge = {name: GATEWAY_IMAGE[name] for name in ("CHATWIRE_HTTP_PORT", "CHATWIRE_GRPC_EDGE_PORT")}
+    assert published == {int(gateway.get("environment", {}).get(name, port)) for name, port in edge.items()}
+    assert all(mapping.startswith("127.0.0.1:") for mapping in gateway["ports"])
 
 
 def test_compose_schema_rejects_a_broken_file() -> None:
@@ -84,6 +121,26 @@ def test_kubernetes_validation_rejects_a_broken_manifest() -> None:
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
+def selects(service: dict[str, Any], deployment: dict[str, Any]) -> bool:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+
+
+def container_port(service: dict[str, Any], port_name: str, deployment: dict[str, Any]) -> int:
+    """The container port (of the Deployment's first container) behind the Service's port `port_name`."""
+    [target] = [p.get("targetPort", p["port"]) for p in service["spec"]["ports"] if p["name"] == port_name]
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    return ports[target] if isinstance(target, str) else target
+
+
+def test_kubernetes_services_select_one_deployment_each() -> None:
+    # The headless Service selecting the Redis or gateway pods too would make them upstreams of Envoy.
+    deployments = [doc for (kind, _), doc in KUBERNETES.items() if kind == "Deployment"]
+    for (kind, name), service in KUBERNETES.items():
+        if kind == "Service":
+            assert [d["metadata"]["name"] for d in deployments if selects(service, d)] == [name], name
+
+
 def test_kubernetes_manifests_fit_together() -> None:
     replicas = KUBERNETES["Deployment", "chatwire"]
     pod = replicas["spec"]["template"]
@@ -109,3 +166,40 @@ def test_kubernetes_manifests_fit_together() -> None:
     hpa = KUBERNETES["HorizontalPodAutoscaler", "chatwire"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == replicas["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "chatwire_queued_requests"
+
+
+def test_kubernetes_rate_limit_store_fits() -> None:
+    # The replicas' CHATWIRE_REDIS_URL names the Redis Service and a port that reaches the Redis container.
+    container = KUBERNETES["Deployment", "chatwire"]["spec"]["template"]["spec"]["containers"][0]
+    store = urlsplit({e["name"]: e.get("value") for e in container["env"]}["CHATWIRE_REDIS_URL"])
+    assert store.scheme == "redis" and re.fullmatch(r"/\d+", store.path)
+    service = KUBERNETES["Service", store.hostname]
+    redis = KUBERNETES["Deployment", store.hostname]  # its pods (test_kubernetes_services_select_one_deployment_each)
+    port_names = {p["port"]: p["name"] for p in service["spec"]["ports"]}
+    pod = redis["spec"]["template"]["spec"]
+    [server_container] = pod["containers"]
+    # redis-server's default port; the image pinned as in docker-compose.yml.
+    assert container_port(service, port_names[store.port], redis) == 6379 and "--port" not in server_container["args"]
+    assert server_container["image"] == COMPOSE["services"]["redis"]["image"]
+    # One copy (two would split the budgets), nothing kept on disk, not root.
+    assert redis["spec"]["replicas"] == 1
+    args = server_container["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    ports = {p["name"] for p in server_container["ports"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = server_container[probe]
+        assert check.get("exec", {}).get("command") == ["redis-cli", "ping"] or check["tcpSocket"]["port"] in ports
+
+
+def test_kubernetes_gateway_serves_grpc_inside_the_cluster() -> None:
+    gateway = KUBERNETES["Deployment", "chatwire-gateway"]
+    service = KUBERNETES["Service", "chatwire-gateway"]
+    # The container's ports are the listeners' (the ConfigMap's value, else the image's).
+    settings = {**GATEWAY_IMAGE, **KUBERNETES["ConfigMap", "chatwire-gateway"]["data"]}
+    assert container_port(service, "http", gateway) == int(settings["CHATWIRE_HTTP_PORT"])
+    assert container_port(service, "grpc", gateway) == int(settings["CHATWIRE_GRPC_EDGE_PORT"]) == 50050
+    [grpc] = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["port"] == 50050
+    # Internal callers only.
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
