@@ -63,7 +63,7 @@ LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_
 # wheel.
 LLAMA_SERVER_PREFIX := $(HOME)/.cache/chatwire/llama-server-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_PREFIX)/bin/llama-server
-export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN)
+export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/$(GEN):$(CURDIR)/clients/python
 # llama.cpp compiles from source on install; keep the build from starving a small machine.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import sys
 from collections.abc import Callable
@@ -232,32 +233,77 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (machines differ: every figure names its CPU)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if "model name" in line:
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _affinity(results: dict[str, Any]) -> list[str]:
     """Multi-turn conversations on replicas: least request against affinity (bench/affinity.py)."""
     run = results.get("affinity")
     if not run:
         return []
-    least, keyed = run["modes"]["least_request"], run["modes"]["affinity"]
+    modes = run["modes"]
+    if "no_key" not in modes:  # an older run: least request against affinity over HTTP
+        modes = {"no_key": modes["least_request"], "affinity": modes["affinity"]}
+    names = {
+        "no_key": "no key",
+        "affinity": "affinity (`prompt_cache_key`), HTTP",
+        "affinity_grpc": "affinity (`x-chatwire-affinity`), gRPC through the edge",
+    }
     rows = [
-        f"| {name} | {m['requests']} | {m['prompt_tokens']} | {m['evaluated_tokens']} | "
+        f"| {names[mode]} | {m['requests']} | {m['prompt_tokens']} | {m['evaluated_tokens']} | "
         f"{100 * m['cached_share']:.0f}% | {m['ttft_p50_ms']:.0f} | {m['ttft_p99_ms']:.0f} | {m['wall_s']:.1f} |"
-        for name, m in (("least request (no key)", least), ("affinity (`prompt_cache_key`)", keyed))
+        for mode, m in modes.items()
     ]
-    return [
-        "## Replicas: least request against affinity",
+    none, keyed = modes["no_key"], modes["affinity"]
+    lines = [
+        "## Replicas: affinity, and one balancer for every request",
         "",
         f"{run['conversations']} conversations of {run['turns']} turns ({run['concurrency']} at a time, "
         f"{run['reply_tokens']}-token replies, each with its own ~350-token system prompt) on {run['replicas']} "
         f"replicas behind the edge ({run['engine_threads']} engine thread each: they share this machine), "
-        f"{run['date']}; each mode on a fresh stack. `python bench/affinity.py` (part of `make bench`).",
+        f"{run['date']}{', ' + run['cpu'] if run.get('cpu') else ''}; each mode on a fresh stack. "
+        "`python bench/affinity.py` (part of `make bench`).",
         "",
-        "| balancing | requests | prompt tokens | evaluated (not cached) | from cache | TTFT p50 ms | TTFT p99 ms | "
-        "wall s |",
+        "| requests sent | requests | prompt tokens | evaluated (not cached) | from cache | TTFT p50 ms "
+        "| TTFT p99 ms | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Affinity evaluates {_ratio(least['evaluated_tokens'], keyed['evaluated_tokens'])} fewer prompt tokens "
-        f"and cuts TTFT p50 to {_ratio(keyed['ttft_p50_ms'], least['ttft_p50_ms'], percent=True)}.",
+        f"Affinity evaluates {_ratio(none['evaluated_tokens'], keyed['evaluated_tokens'])} fewer prompt tokens "
+        f"and cuts TTFT p50 to {_ratio(keyed['ttft_p50_ms'], none['ttft_p50_ms'], percent=True)}.",
+        "",
+    ]
+    mixed = run.get("mixed")
+    if not mixed:
+        return lines
+    options = {
+        "one_ring_1.25x": "one ring-hash cluster, load bound 1.25x (shipped)",
+        "one_ring_1.5x": "one ring-hash cluster, load bound 1.5x",
+        "two_clusters": "two clusters: least request (unkeyed) + ring 1.5x (keyed)",
+    }
+    mixed_rows = [
+        f"| {options.get(option, option)} | {100 * m['keyed']['cached_share']:.0f}% | {m['keyed']['ttft_p50_ms']:.0f} "
+        f"| {m['keyed']['ttft_p99_ms']:.0f} | {m['unkeyed']['requests']} | {m['unkeyed']['ttft_p50_ms']:.0f} | "
+        f"{m['unkeyed']['ttft_p99_ms']:.0f} | {m['busiest_over_mean']:.2f} | {m['busiest_over_mean_p95']:.2f} | "
+        f"{m['peak_on_one_replica']} | {m['keyed']['wall_s']:.1f} |"
+        for option, m in mixed.items()
+    ]
+    return [
+        *lines,
+        f"Mixed: {run['mixed_conversations']} keyed conversations over gRPC (the internal listener) while "
+        f"{run['mixed_unkeyed_callers']} callers keep sending unkeyed one-shot requests over HTTP, once per balancer "
+        "option, each on a fresh stack. Spread: Envoy's requests in flight per replica, sampled every 100 ms while at "
+        "least one per replica was in flight; the busiest replica's count over the mean (1.00 is even).",
+        "",
+        "| balancer | keyed from cache | keyed TTFT p50 ms | keyed TTFT p99 ms | unkeyed requests "
+        "| unkeyed TTFT p50 ms | unkeyed TTFT p99 ms | busiest / mean | p95 | peak on one | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *mixed_rows,
         "",
     ]
 

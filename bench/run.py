@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -405,18 +404,12 @@ def main() -> None:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
     from importlib.metadata import version
 
+    import report
+
     return {
-        "cpu": cpu,
+        "cpu": report.cpu_name(),
         "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "llama_cpp_python": version("llama-cpp-python"),

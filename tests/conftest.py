@@ -8,7 +8,9 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +163,24 @@ def run_redis(log_path: Path) -> Iterator[Redis]:
         yield redis
     finally:
         redis.stop()
+
+
+@contextlib.contextmanager
+def make_run(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[subprocess.Popen[bytes]]:
+    """`make run` (`python -m chatwire_server.edge.stack`) with `env`, once it says it is up; stopped afterwards
+    if the test has not stopped it."""
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "chatwire_server.edge.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while "chatwire is up" not in log_path.read_text() and time.monotonic() < deadline:
+                assert launcher.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            yield launcher
+        finally:
+            stack.stop(launcher)
 
 
 def engine_workers(server_pid: int) -> list[int]:

@@ -614,7 +614,7 @@ def child_running(launcher: int, name: str, other_than: int = 0, timeout: float 
 
 
 def test_make_run_restarts_what_dies_and_stops_cleanly(tmp_path: Path) -> None:
-    names = ("HTTP", "GRPC", "ADMIN", "METRICS")
+    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS")
     ports = {name: stack.free_port() for name in names}
     env = {**stack.python_env(), **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()}}
     models = f"http://127.0.0.1:{ports['HTTP']}/v1/models"

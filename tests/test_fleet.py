@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +26,7 @@ from chatwire_server.edge import stack
 from chatwire_server.errors import RateLimitError, ServiceUnavailableError
 from chatwire_server.limits import Limiter, Limits, Reservation
 from chatwire_server.limits.shared import RedisBuckets
-from conftest import MODEL, NO_END_BIAS, Redis, Stack, metric, run_redis, run_stack, small_replicas
+from conftest import MODEL, NO_END_BIAS, Redis, Stack, make_run, metric, run_redis, run_stack, small_replicas
 
 pytestmark = pytest.mark.scaleout
 
@@ -218,3 +220,30 @@ def test_a_store_that_cannot_be_reached_fails_fast_open_or_closed() -> None:
     started = time.monotonic()
     asyncio.run(attempts())
     assert time.monotonic() - started < 0.5
+
+
+def test_make_run_with_replicas_and_a_limit_starts_its_own_store_and_stops_it(tmp_path: Path) -> None:
+    """`CHATWIRE_REPLICAS=2 make run` with a rate limit and no store named: a redis-server on loopback, shared by
+    both replicas, stopped with the stack."""
+    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS", "REDIS")
+    ports = {name: stack.free_port() for name in names}
+    env = {
+        **stack.python_env(),
+        **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()},
+        "CHATWIRE_REPLICAS": "2",
+        "CHATWIRE_API_KEYS": "sk-run",
+        "CHATWIRE_RATE_LIMIT_RPM": "2",
+    }
+    env.pop("CHATWIRE_REDIS_URL", None)
+    log_path = tmp_path / "run.log"
+    with make_run(env, log_path) as launcher:
+        assert f"redis://127.0.0.1:{ports['REDIS']}/0" in log_path.read_text()
+        # Both replicas count one budget: 2 per minute, whichever replica serves (one call to each's own port).
+        key = "sk-run"
+        results = [over_grpc(f"127.0.0.1:{ports['GRPC'] + n}", key)[0] for n in range(2)]
+        results.append(over_grpc(f"127.0.0.1:{ports['GRPC_EDGE']}", key)[0])
+        assert results == [200, 200, 429], results
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(60)
+    with pytest.raises(OSError):  # the store went with the stack
+        socket.create_connection(("127.0.0.1", ports["REDIS"]), timeout=2).close()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +16,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, engine_workers, run_stack
+from conftest import MODEL, engine_workers, make_run, run_stack
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits() -> None:
@@ -91,25 +89,16 @@ def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop
         **stack.python_env(),
         "CHATWIRE_HTTP_PORT": str(ports.http),
         "CHATWIRE_GRPC_PORT": str(ports.grpc),
+        "CHATWIRE_GRPC_EDGE_PORT": str(stack.free_port()),
         "CHATWIRE_ADMIN_PORT": str(ports.admin),
         "CHATWIRE_METRICS_PORT": str(ports.metrics),
     }
     log_path = tmp_path / "run.log"
-    with log_path.open("wb") as log:
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "chatwire_server.edge.stack"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while "chatwire is up" not in log_path.read_text() and time.monotonic() < deadline:
-                assert launcher.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-            reply = httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=10)
-            assert reply.status_code == 200 and reply.json()["data"][0]["id"] == MODEL
-            launcher.send_signal(stop_signal)
-            launcher.wait(30)
-        finally:
-            stack.stop(launcher)
+    with make_run(env, log_path, timeout=60) as launcher:
+        reply = httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=10)
+        assert reply.status_code == 200 and reply.json()["data"][0]["id"] == MODEL
+        launcher.send_signal(stop_signal)
+        launcher.wait(30)
     output = log_path.read_text()
     assert '"msg": "stopped"' in output  # the gRPC server drained and exited
     with pytest.raises(httpx.ConnectError):

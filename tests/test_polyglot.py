@@ -398,7 +398,7 @@ def run_example(example: str, server: Server, key: str | None) -> subprocess.Com
     env = {name: value for name, value in os.environ.items() if name != "CHATWIRE_API_KEY"}
     if key:
         env["CHATWIRE_API_KEY"] = key
-    command = example.replace("127.0.0.1:50051", server.address)
+    command = example.replace("127.0.0.1:50050", server.address)
     return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
 
 

@@ -20,13 +20,12 @@ PYTHON = [body for lang, body in BLOCKS if lang == "python"]
 
 
 def on_test_ports(text: str, chatwire: Stack) -> str:
-    return text.replace("127.0.0.1:8080", f"127.0.0.1:{chatwire.ports.http}").replace(
-        "127.0.0.1:50051", chatwire.grpc_target
-    )
+    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{chatwire.ports.http}")
+    return text.replace("127.0.0.1:50051", chatwire.grpc_target).replace("127.0.0.1:50050", chatwire.grpc_edge_target)
 
 
 def test_readme_has_examples() -> None:
-    assert len(CURL) == 3 and len(PYTHON) == 2
+    assert len(CURL) == 3 and len(PYTHON) == 3
 
 
 @pytest.mark.parametrize("example", CURL, ids=lambda body: body.split("\n")[0][:60])
@@ -45,7 +44,7 @@ def test_curl_examples(chatwire: Stack, example: str) -> None:
         assert_valid(json.loads(result.stdout), "CreateChatCompletionResponse")
 
 
-@pytest.mark.parametrize("example", PYTHON, ids=["openai-sdk", "grpc-stub"])
+@pytest.mark.parametrize("example", PYTHON, ids=["openai-sdk", "grpc-stub", "grpc-edge-helper"])
 def test_python_examples(chatwire: Stack, example: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", on_test_ports(example, chatwire)],
@@ -56,5 +55,7 @@ def test_python_examples(chatwire: Stack, example: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    if "grpc" in example:
+    if "chatwire_client" in example:  # through the edge's gRPC listener: the reply, and the replica that served it
+        assert result.stdout.strip().endswith(chatwire.replicas[0].name), result.stdout
+    elif "grpc" in example:
         assert "StatusCode.NOT_FOUND MODEL_NOT_FOUND" in result.stdout and '"model_not_found"' in result.stdout

@@ -209,10 +209,14 @@ def test_a_full_replica_refusal_is_retried_on_another(one_slot_replicas: Stack) 
         time.sleep(0.05)
     retried = envoy_counter(running, "cluster.chatwire_grpc.upstream_rq_retry_success")
     reply = chat(running, prompt_cache_key=key)
+    # A gRPC caller of the internal listener with the same key: retried the same way.
+    with chatwire_client.channel(running.grpc_edge_target) as channel:
+        stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        _, call = stub.CreateChatCompletion.with_call(grpc_request(prompt_cache_key=key), timeout=60)
     holder.join()
     assert reply.status_code == 200, reply.text
-    assert replica_of(reply) != full.name
-    assert envoy_counter(running, "cluster.chatwire_grpc.upstream_rq_retry_success") == retried + 1
+    assert replica_of(reply) != full.name and chatwire_client.replica(call) != full.name
+    assert envoy_counter(running, "cluster.chatwire_grpc.upstream_rq_retry_success") == retried + 2
 
 
 def test_when_every_replica_is_full_the_client_gets_the_429(one_slot_replicas: Stack) -> None:

@@ -1,7 +1,7 @@
 /**
  * chatwire over gRPC from TypeScript: one reply, then the same conversation streamed.
  *
- *   node dist/example.js "Say hello."      (CHATWIRE_GRPC=host:port, default 127.0.0.1:50051; CHATWIRE_API_KEY)
+ *   node dist/example.js "Say hello."      (CHATWIRE_GRPC=host:port, default 127.0.0.1:50050; CHATWIRE_API_KEY)
  */
 import { randomUUID } from "node:crypto";
 
@@ -9,7 +9,7 @@ import { Code } from "@connectrpc/connect";
 
 import { chatRequest, chatwireClient, chatwireError, text } from "./chatwire.js";
 
-const client = chatwireClient(process.env.CHATWIRE_GRPC ?? "127.0.0.1:50051", {
+const client = chatwireClient(process.env.CHATWIRE_GRPC ?? "127.0.0.1:50050", {
   apiKey: process.env.CHATWIRE_API_KEY,
 });
 // The request is OpenAI's JSON; fromJson fills the Value and Struct fields. Both calls below share the conversation,

@@ -115,9 +115,10 @@ def render_envoy_config(
 
 
 def python_env() -> dict[str, str]:
-    """The environment for a child Python that imports the service and the generated code."""
+    """The environment for a child Python that imports the service, the generated code and the Python client
+    helper."""
     env = dict(os.environ)
-    paths = [str(REPO / "services"), str(REPO / "build" / "gen" / "python")]
+    paths = [str(REPO / "services"), str(REPO / "build" / "gen" / "python"), str(REPO / "clients" / "python")]
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -297,10 +298,13 @@ class Launched:
 
 
 @contextlib.contextmanager
-def launched(logs: Path, name: str, replicas: int = 1) -> Iterator[Launched]:
+def launched(
+    logs: Path, name: str, replicas: int = 1, envoy_config: Callable[[str], str] | None = None
+) -> Iterator[Launched]:
     """`replicas` servers with the default model behind Envoy on free ports, each ready (Envoy seeing every
-    replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log. For the benchmarks: the
-    tests have their own fixtures, `make run` supervises its processes."""
+    replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log; `envoy_config` may rewrite
+    the rendered Envoy config (a variant to compare). For the benchmarks: the tests have their own fixtures, `make
+    run` supervises its processes."""
     more = tuple((free_port(), free_port()) for _ in range(replicas - 1))
     ports = Ports(
         http=free_port(),
@@ -311,7 +315,8 @@ def launched(logs: Path, name: str, replicas: int = 1) -> Iterator[Launched]:
         more_replicas=more,
     )
     config = logs / f"{name}-envoy.yaml"
-    config.write_text(render_envoy_config(ports))
+    rendered = render_envoy_config(ports)
+    config.write_text(envoy_config(rendered) if envoy_config else rendered)
     with contextlib.ExitStack() as files:
 
         def open_log(suffix: str) -> IO[bytes]:

@@ -1,6 +1,6 @@
 // Command chatwire-example calls chatwire over gRPC from Go: one reply, then the same conversation streamed.
 //
-//	chatwire-example [-addr 127.0.0.1:50051] [-key sk-...] "Say hello."
+//	chatwire-example [-addr 127.0.0.1:50050] [-key sk-...] "Say hello."
 package main
 
 import (
@@ -22,7 +22,7 @@ import (
 )
 
 func main() {
-	addr := flag.String("addr", "127.0.0.1:50051", "chatwire's gRPC address")
+	addr := flag.String("addr", "127.0.0.1:50050", "chatwire's gRPC address: the edge's internal listener, or one replica")
 	key := flag.String("key", os.Getenv("CHATWIRE_API_KEY"), "API key, if the server requires one")
 	flag.Parse()
 	prompt := "Say hello."
