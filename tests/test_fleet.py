@@ -32,7 +32,7 @@ pytestmark = pytest.mark.scaleout
 
 RPM, TPM = 6, 300
 # One key per test: the budgets are per key, and tests run in any order on the one stack.
-KEYS = ("sk-fleet-rpm", "sk-fleet-headers", "sk-fleet-tpm", "sk-fleet-outage", "sk-fleet-restart")
+KEYS = ("sk-fleet-rpm", "sk-fleet-headers", "sk-fleet-tpm", "sk-fleet-stopped", "sk-fleet-killed", "sk-fleet-restart")
 HI = [{"role": "user", "content": "Hi"}]
 
 
@@ -97,9 +97,10 @@ def test_a_keys_requests_per_minute_hold_across_replicas_for_http_and_grpc_calle
     served = statuses.count(200)
     # RPM 6: six at once, and one more per 10 s that passes (the test takes a few seconds).
     assert RPM <= served <= RPM + int(elapsed * RPM / 60) + 1, (served, elapsed)
-    assert {"http", "grpc"} <= {
-        ("http" if n % 2 == 0 else "grpc") for n, s in enumerate(statuses) if s == 200
-    } or served
+    # Both kinds of caller drew on it (calls alternate; the first four run at once, the last ones find it spent).
+    kinds = ["http" if n % 2 == 0 else "grpc" for n in range(24)]
+    assert {kind for kind, s in zip(kinds, statuses, strict=True) if s == 200} == {"http", "grpc"}, statuses
+    assert {kind for kind, s in zip(kinds, statuses, strict=True) if s == 429} == {"http", "grpc"}, statuses
     refused = [body["error"] for status, _, body in results if status == 429]
     assert all(error["code"] == "rate_limit_exceeded" and error["type"] == "requests" for error in refused), refused
     # Whichever replicas answered (the unkeyed requests spread over them), they counted one budget.
@@ -183,9 +184,9 @@ def test_the_store_failing_costs_at_most_its_timeout_and_sharing_returns(fleet: 
     assert redis.process is not None
     # Stopped (a hung store: connections open, nothing answers) and then killed (connections refused): every
     # request is still served, by each replica's own budget, none slower than the store's bound (100 ms) + 1 s.
-    for outage in (signal.SIGSTOP, signal.SIGKILL):
+    for outage, key in ((signal.SIGSTOP, KEYS[3]), (signal.SIGKILL, KEYS[4])):
         redis.process.send_signal(outage)
-        replies = [timed(lambda: over_http(running, KEYS[3])) for _ in range(4)]
+        replies = [timed(lambda key=key: over_http(running, key)) for _ in range(4)]
         assert [status for _, (status, _, _) in replies] == [200] * 4, replies
         assert max(seconds for seconds, _ in replies) < 0.1 + 1.0, replies
         assert sum(replica_metric(fleet, "chatwire_rate_limit_store_failures_total")) >= 1
@@ -197,7 +198,7 @@ def test_the_store_failing_costs_at_most_its_timeout_and_sharing_returns(fleet: 
     redis.process.wait(10)
     redis.start()
     time.sleep(1.2)
-    results = [over_grpc(f"127.0.0.1:{running.replicas[n % 3].grpc}", KEYS[4]) for n in range(RPM + 1)]
+    results = [over_grpc(f"127.0.0.1:{running.replicas[n % 3].grpc}", KEYS[5]) for n in range(RPM + 1)]
     assert [status for status, _, _ in results] == [200] * RPM + [429], results
     assert replica_metric(fleet, "chatwire_rate_limit_store_up") == [1.0, 1.0, 1.0]
 
@@ -247,3 +248,21 @@ def test_make_run_with_replicas_and_a_limit_starts_its_own_store_and_stops_it(tm
         launcher.wait(60)
     with pytest.raises(OSError):  # the store went with the stack
         socket.create_connection(("127.0.0.1", ports["REDIS"]), timeout=2).close()
+
+
+def test_a_reservation_is_at_most_a_minutes_budget_and_a_passed_on_request_is_given_back() -> None:
+    limits = Limits(requests_per_minute=3, tokens_per_minute=100)
+    # A huge request (4 MiB, n = 128) reserves the whole minute, not a day's worth.
+    assert limits.reservation(4 << 20, 100, 128) == Reservation(100, 100)
+
+    async def attempts() -> None:
+        limiter = Limiter(limits)
+        first = await limiter.admit("k", Reservation(10, 20))
+        assert dict(first.headers)["x-ratelimit-remaining-requests"] == "2"
+        first.passed_on = True  # refused before any work, retried by the edge on another replica
+        await first.settle()
+        second = await limiter.admit("k", Reservation(10, 20))
+        assert dict(second.headers)["x-ratelimit-remaining-requests"] == "2"  # the first was given back
+        assert dict(second.headers)["x-ratelimit-remaining-tokens"] == "80"
+
+    asyncio.run(attempts())

@@ -126,10 +126,17 @@ def test_grpc_streams_through_the_edge_from_go_and_typescript_spread_over_all_re
         )
         for language in ("go", "typescript") * 6
     ]
+    # All twelve calls at once (each process waits for its call on stdin): in flight together, the load bound
+    # spreads them.
+    for caller in callers:
+        assert caller.stdin is not None
+        caller.stdin.write(json.dumps(payload))
+        caller.stdin.close()
     results = []
     for caller in callers:
-        out, err = caller.communicate(json.dumps(payload), timeout=180)
-        assert caller.returncode == 0, err
+        assert caller.stdout is not None and caller.stderr is not None
+        out, err = caller.stdout.read(), caller.stderr.read()
+        assert caller.wait(180) == 0, err
         results.append(json.loads(out))
     assert all("error" not in r and r["chunks"][-1]["choices"][0]["finish_reason"] == "length" for r in results), (
         results

@@ -60,6 +60,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     log.info("metrics", extra={"url": f"http://{metrics_host}:{bound_metrics}/metrics"})
     server = grpc.aio.server(options=GRPC_OPTIONS)
     limiter = Limiter.from_environment()
+    await limiter.open()
     # Replicas tell callers (and the edge's access log) which of them answered: a pod's name in Kubernetes.
     replica = os.environ.get("CHATWIRE_REPLICA") or default_replica_name(port)
     servicer = ChatServicer(registry, authenticator, limiter, replica=replica)

@@ -19,7 +19,13 @@ from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire_server import metrics
-from chatwire_server.errors import ERROR_METADATA_KEY, ChatwireError, InternalError, InvalidRequestError
+from chatwire_server.errors import (
+    ERROR_METADATA_KEY,
+    TRY_ANOTHER_REPLICA,
+    ChatwireError,
+    InternalError,
+    InvalidRequestError,
+)
 from chatwire_server.limits import Admission
 
 log = logging.getLogger(__name__)
@@ -173,6 +179,9 @@ async def _admitted(
     ADMISSION.set(admission)
     try:
         yield admission
+    except ChatwireError as error:
+        admission.passed_on = TRY_ANOTHER_REPLICA in error.metadata
+        raise
     finally:
         service.settle(admission)
 

@@ -207,7 +207,11 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         body = await self._relay_body(request)
         reply = await relay.complete(body)
         response = relayed.relayed_response_to_proto(reply, request.model)
-        self._count_tokens(request.model, *relayed.relayed_usage(reply.get("usage")))
+        if reply.get("usage"):
+            self._count_tokens(request.model, *relayed.relayed_usage(reply["usage"]))
+        else:  # an upstream that reports no usage: the reply is charged what it reserved
+            admission = rpc.ADMISSION.get()
+            admission.charge(admission.reservation.tokens)
         return response
 
     async def _relay_stream(

@@ -3,9 +3,9 @@ before any work, and `Admission.settle` when the request ends (the RPC boundary 
 
 One replica keeps its budgets in process (`local`). With CHATWIRE_REDIS_URL set they live in the shared store
 (`shared`), so every replica answers from the same state. If the store fails (no answer within
-CHATWIRE_RATE_LIMIT_STORE_TIMEOUT_MS), CHATWIRE_RATE_LIMIT_STORE_FAILURE decides: `open` (the default) admits by
-this replica's own buckets meanwhile, with a log line and a metric, and tries the store again after
-STORE_RETRY_S; `closed` answers 503 until the store is back.
+CHATWIRE_RATE_LIMIT_STORE_TIMEOUT_MS per read, twice that per call), CHATWIRE_RATE_LIMIT_STORE_FAILURE decides:
+`open` (the default) admits by this replica's own buckets meanwhile, with a log line and a metric, and tries the
+store again after STORE_RETRY_S; `closed` answers 503 until the store is back.
 """
 
 from __future__ import annotations
@@ -121,11 +121,16 @@ class Limiter:
             log.error("rate-limit store failed: %s", policy, extra={"store": self.where, "error": str(error)})
         self._store_down_until = time.monotonic() + STORE_RETRY_S
 
-    async def _give_back(self, buckets: Buckets, key: str, tokens: int) -> None:
+    async def _give_back(self, buckets: Buckets, key: str, tokens: int, requests: int) -> None:
         try:
-            await buckets.give_back(key, self.limits, tokens)
-        except StoreError as exc:  # the reservation stays charged; it refills within the minute
+            await buckets.give_back(key, self.limits, tokens, requests)
+        except StoreError as exc:  # the reservation (at most a minute's budget) stays charged until it refills
             self._store_failed(exc)
+
+    async def open(self) -> None:
+        """Connect to the store ahead of the first request, if there is one."""
+        if self._store is not None:
+            await self._store.connect()
 
     async def close(self) -> None:
         if self._store is not None:

@@ -56,7 +56,10 @@ class Limits:
         reserve) for each choice."""
         prompt = math.ceil(request_bytes / BYTES_PER_TOKEN)
         reply = max_reply_tokens if max_reply_tokens is not None else self.reply_reserve
-        return Reservation(prompt, prompt + reply * max(1, choices))
+        tokens = prompt + reply * max(1, choices)
+        if self.tokens_per_minute:  # never more than a minute's budget: what it uses beyond is charged at the end
+            tokens = min(tokens, self.tokens_per_minute)
+        return Reservation(min(prompt, tokens), tokens)
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,8 @@ class Buckets(Protocol):
         minute's budget is admitted only when the bucket is full, so it waits but is never refused forever)."""
         ...
 
-    async def give_back(self, key: str, limits: Limits, tokens: int) -> None:
-        """Return `tokens` to the key's token bucket (negative: charge more), up to its capacity."""
+    async def give_back(self, key: str, limits: Limits, tokens: int, requests: int = 0) -> None:
+        """Return `tokens` (negative: charge more) and `requests` to the key's buckets, up to their capacity."""
         ...
 
 
@@ -122,6 +125,7 @@ class Admission:
     What it used is, in order: the usage its reply reported (`charge`, prompt + completion tokens); else, when it
     failed or was cancelled after producing output, the prompt's estimate plus the tokens it produced
     (`produced`); else nothing (it failed before any work reached the caller, and costs nothing, as at OpenAI).
+    The reservation is at most a minute's budget; what a reply uses beyond it is charged here.
     """
 
     key: str
@@ -129,6 +133,9 @@ class Admission:
     reservation: Reservation = Reservation(0, 0)
     used: int | None = None
     partial: int = 0
+    # Refused before any work so that another replica may serve it (the edge retries it there): its request is
+    # given back too, or the retry would count it twice.
+    passed_on: bool = False
     _settle: Settler | None = None
 
     def charge(self, tokens: int) -> None:
@@ -148,11 +155,11 @@ class Admission:
         """Give back what was reserved and not used (or charge the excess); once."""
         settle, self._settle = self._settle, None
         if settle is not None:
-            await settle(self.reservation.tokens - self.spent())
+            await settle(self.reservation.tokens - self.spent(), 1 if self.passed_on else 0)
 
 
 class Settler(Protocol):
-    async def __call__(self, unused_tokens: int) -> None: ...
+    async def __call__(self, unused_tokens: int, unused_requests: int) -> None: ...
 
 
 class BackgroundTasks:

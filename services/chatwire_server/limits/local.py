@@ -45,12 +45,12 @@ class LocalBuckets:
             levels = {kind: (b.level, b.seconds_until(b.capacity)) for kind, b in buckets.items()}
             return Verdict(refused, wait, levels)
 
-    async def give_back(self, key: str, limits: Limits, tokens: int) -> None:
-        if not limits.tokens_per_minute:
-            return
+    async def give_back(self, key: str, limits: Limits, tokens: int, requests: int = 0) -> None:
         with self._lock:
-            bucket = self._bucket(key, "tokens", limits, time.monotonic())
-            bucket.level = min(bucket.capacity, bucket.level + tokens)
+            for kind, amount in (("tokens", tokens), ("requests", requests)):
+                if limits.of(kind) and amount:
+                    bucket = self._bucket(key, kind, limits, time.monotonic())
+                    bucket.level = min(bucket.capacity, bucket.level + amount)
 
     def _bucket(self, key: str, kind: str, limits: Limits, now: float) -> _Bucket:
         bucket = self._buckets.get((key, kind))

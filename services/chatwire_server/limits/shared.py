@@ -14,6 +14,7 @@ after the reply) with two numbers per key, and its level is the `x-ratelimit-rem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import redis.asyncio as redis
@@ -70,7 +71,7 @@ end
 return reply
 """
 
-# KEYS: the tokens bucket. ARGV: tokens per minute, tokens to give back (negative: charge). Up to capacity.
+# KEYS: one bucket. ARGV: its capacity per minute, the amount to give back (negative: charge). Up to capacity.
 _GIVE_BACK = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1e6
@@ -113,8 +114,10 @@ class RedisBuckets:
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
-            # The client's socket timeouts bound each read and connect; this bounds the whole call (a NOSCRIPT
-            # after a store restart costs a second round trip, still within it).
+            # The client's socket timeouts bound each read and connect; this bounds the whole call, a wait for a
+            # pooled connection included (a NOSCRIPT after a store restart costs two more round trips). A call
+            # cut off here may still run on the store later (a stopped store that resumes): its charge then stays
+            # until the bucket refills.
             return await asyncio.wait_for(script(keys=keys, args=args), 2 * self._timeout)
         except (redis.RedisError, OSError, TimeoutError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
@@ -128,11 +131,18 @@ class RedisBuckets:
         levels = {kind: (float(numbers[2 * i]), float(numbers[2 * i + 1])) for i, kind in enumerate(limited)}
         return Verdict(refused or None, float(wait), levels)
 
-    async def give_back(self, key: str, limits: Limits, tokens: int) -> None:
-        if not limits.tokens_per_minute or not tokens:
-            return
+    async def give_back(self, key: str, limits: Limits, tokens: int, requests: int = 0) -> None:
         _, give_back = self._scripts()
-        await self._run(give_back, [_bucket(key, "tokens")], [limits.tokens_per_minute, tokens])
+        for kind, amount in (("tokens", tokens), ("requests", requests)):
+            if limits.of(kind) and amount:
+                await self._run(give_back, [_bucket(key, kind)], [limits.of(kind), amount])
+
+    async def connect(self) -> None:
+        """Open a connection ahead of the first request (a failure here is not counted: requests will retry)."""
+        self._scripts()
+        assert self._client is not None
+        with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._client.ping(), 1.0)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         if self._client is not None:
