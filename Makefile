@@ -73,7 +73,7 @@ CHATWIRE_FUZZ_HTTP_CASES ?= 10000
 CHATWIRE_FUZZ_GRPC_CASES ?= 1000
 CHATWIRE_SOAK_SECONDS ?= 600
 
-.PHONY: help install setup run test lint proto clients bench fuzz soak clean
+.PHONY: help install setup run test lint proto clients bench fuzz soak certs clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -120,6 +120,9 @@ clients: $(TS_BUILT) $(GO_BIN)/chatwire-example $(GO_BIN)/chatwire-conformance #
 install: $(SERVING) ## Only what serving needs: the venv (service packages, llama.cpp, the model), generated code
 
 setup: $(SERVING) $(DEV) $(PROTO_BUNDLE).tar.gz clients
+
+certs: $(SERVING) ## A local CA and TLS certificates in build/certs, for trying TLS and mutual TLS (never for production)
+	$(PY) -m chatwire_server.edge.certs build/certs
 
 clean: ## Remove generated code, built clients and the venv
 	rm -rf $(BUILD) $(VENV) $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen

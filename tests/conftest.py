@@ -92,7 +92,7 @@ def _unique_base_id(ports: stack.Ports) -> int:
 def run_envoy(ports: stack.Ports, log_path: Path, **edge: str) -> Iterator[subprocess.Popen[bytes]]:
     """Envoy on `ports` (edge settings overridden by `edge`), ready, stopped afterwards."""
     config = log_path.with_suffix(".yaml")
-    config.write_text(stack.render_envoy_config(ports, **edge))
+    config.write_text(stack.render_envoy_config(ports, sds_dir=log_path.parent / "sds", **edge))
     with log_path.open("wb") as log:
         envoy = stack.start_envoy(config, _unique_base_id(ports), log)
         try:
@@ -114,7 +114,7 @@ def run_server(
     with log_path.open("wb") as log:
         server = stack.start_server(port, log, config=config, env=env, metrics_port=metrics_port)
         try:
-            stack.wait_for_server(port, server)
+            stack.wait_for_server(port, server, env=env)
             yield server
         finally:
             stack.stop(server)

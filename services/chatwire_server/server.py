@@ -22,6 +22,7 @@ from chatwire_server.api.auth import Authenticator
 from chatwire_server.api.servicer import ChatServicer
 from chatwire_server.limits import Limiter
 from chatwire_server.registry import ModelRegistry
+from chatwire_server.tls import Mutual
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,15 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    mutual = Mutual.from_environment()
+    if mutual is None:
+        log.warning(
+            "PLAINTEXT gRPC: no CHATWIRE_MTLS_* certificates; whoever reaches the port talks to the service "
+            "unencrypted. Fine on a laptop or behind a mesh that encrypts, not on a network."
+        )
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", mutual.server_credentials())
     await server.start()
     log.info(
         "serving",
@@ -79,6 +88,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
             "replica": replica,
             "models": [e.id for e in registry.all()],
             "rate_limits": limiter.where,
+            "transport": "mutual TLS" if mutual else "plaintext",
         },
     )
 

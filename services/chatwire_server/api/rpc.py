@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
-from chatwire_server import metrics
+from chatwire_server import metrics, tls
 from chatwire_server.errors import (
     ERROR_METADATA_KEY,
     TRY_ANOTHER_REPLICA,
@@ -155,6 +155,8 @@ def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) 
     record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
     if model:
         record["model"] = model
+    if peer := tls.peer_identity(context):  # the caller's certificate, with mutual TLS
+        record["peer"] = peer
     started = time.monotonic()
     try:
         yield record

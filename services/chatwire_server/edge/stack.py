@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -27,6 +27,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatwire_server.cpus import usable_cpus
+from chatwire_server.edge import envoy_tls
+from chatwire_server.tls import Mutual
 
 REPO = Path(__file__).resolve().parents[3]
 ENVOY_TEMPLATE = REPO / "gateway" / "envoy.yaml"
@@ -60,11 +62,19 @@ class Ports:
         return [(self.grpc, self.metrics), *self.more_replicas]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now and that this process has not handed out before (the kernel
+    may offer a port again once its probe socket closes, before whoever got it first binds it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def envoy_binary() -> str:
@@ -92,11 +102,12 @@ def render_envoy_config(
     grpc_host: str = "127.0.0.1",
     grpc_edge_host: str | None = None,
     template: str | None = None,
+    sds_dir: Path | None = None,
     **overrides: str,
 ) -> str:
     """gateway/envoy.yaml (or another version's text, `template`) with its placeholders filled: ports (the internal
     gRPC listener on `http_host` unless `grpc_edge_host` says otherwise), then edge settings from `overrides`, the
-    environment, or their defaults."""
+    environment, or their defaults. With TLS configured (envoy_tls), its SDS files go into `sds_dir`."""
     settings = {name: overrides.get(name, os.environ.get(name, default)) for name, default in EDGE_SETTINGS.items()}
     endpoints = ", ".join(
         f"{{endpoint: {{address: {{socket_address: {{address: {grpc_host}, port_value: {port}}}}}}}}}"
@@ -110,6 +121,7 @@ def render_envoy_config(
         CHATWIRE_ADMIN_PORT=ports.admin,
         CHATWIRE_GRPC_ENDPOINTS=f"[{endpoints}]",
         CHATWIRE_DESCRIPTOR=DESCRIPTOR,
+        **envoy_tls.transport_sockets(sds_dir or REPO / "build" / "run" / "sds", {**os.environ, **overrides}),
         **settings,
     )
 
@@ -203,10 +215,23 @@ def start_envoy(config_path: Path, base_id: int, log: IO[bytes]) -> subprocess.P
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_server(port: int, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT_S) -> None:
-    """Block until gRPC health says SERVING."""
+def server_channel(port: int, env: Mapping[str, str] | None = None) -> grpc.Channel:
+    """A channel to the gRPC server on 127.0.0.1:`port`: with the mutual TLS certificates its environment (`env`
+    over ours) names, else plaintext."""
+    mutual = Mutual.from_environment({**os.environ, **(env or {})})
+    target = f"127.0.0.1:{port}"
+    return grpc.secure_channel(target, mutual.channel_credentials()) if mutual else grpc.insecure_channel(target)
+
+
+def wait_for_server(
+    port: int,
+    process: subprocess.Popen[bytes],
+    timeout: float = STARTUP_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Block until gRPC health says SERVING (the server started with `env` added to our environment)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with server_channel(port, env) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             _fail_if_exited(process, "chatwire server")
@@ -315,7 +340,7 @@ def launched(
         more_replicas=more,
     )
     config = logs / f"{name}-envoy.yaml"
-    rendered = render_envoy_config(ports)
+    rendered = render_envoy_config(ports, sds_dir=logs / f"{name}-sds")
     config.write_text(envoy_config(rendered) if envoy_config else rendered)
     with contextlib.ExitStack() as files:
 
@@ -410,11 +435,13 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # One file per stack: a restarted Envoy must read its own ports, even with another stack running.
     envoy_config = run_dir / f"envoy-{ports.http}.yaml"
-    envoy_config.write_text(render_envoy_config(ports))
+    envoy_config.write_text(render_envoy_config(ports, sds_dir=run_dir / f"sds-{ports.http}"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Ctrl-C stops the stack even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     auth_on = bool(os.environ.get("CHATWIRE_API_KEYS") or os.environ.get("CHATWIRE_API_KEYS_FILE"))
+    scheme = "https" if envoy_tls.edge_certificate() else "http"
+    inside = "mutual TLS" if Mutual.from_environment() else "plaintext"
 
     # Children log straight to this terminal.
     def server_starter(grpc: int, metrics: int) -> Callable[[], subprocess.Popen[bytes]]:
@@ -454,11 +481,11 @@ def main() -> None:
         metrics_urls = ", ".join(f"http://127.0.0.1:{metrics}/metrics" for _, metrics in ports.replicas)
         print(
             f"\nchatwire is up ({replicas} replica{'s' if replicas > 1 else ''} behind the edge):\n"
-            f"  OpenAI HTTP API  http://127.0.0.1:{ports.http}/v1/chat/completions\n"
+            f"  OpenAI HTTP API  {scheme}://127.0.0.1:{ports.http}/v1/chat/completions\n"
             f"  gRPC API         127.0.0.1:{ports.grpc_edge} (chatwire.v1.ChatService through the edge: balanced,"
-            " affinity by x-chatwire-affinity metadata)\n"
+            f" affinity by x-chatwire-affinity metadata; {inside})\n"
             f"  Replicas' gRPC   {grpc_addresses} (each one directly, reflection on)\n"
-            f"  Health           http://127.0.0.1:{ports.http}/health\n"
+            f"  Health           {scheme}://127.0.0.1:{ports.http}/health\n"
             f"  Service metrics  {metrics_urls} (Prometheus)\n"
             f"  Envoy stats      http://127.0.0.1:{ports.admin}/stats/prometheus\n"
             f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"

@@ -1,0 +1,195 @@
+"""TLS at the public edge and mutual TLS inside, on loopback with certificates made for the session: HTTPS for the
+OpenAI SDK (unary and stream) with HTTP/2 by ALPN, old TLS and plaintext refused, a certificate of another CA
+refused by clients, certificates rotated without a restart; gRPC callers of a replica and of the edge's internal
+listener need a client certificate of the CA, and the replica logs who called."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from cryptography import x509
+from google.protobuf import json_format
+
+from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
+from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
+from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, parse_sse, run_stack
+
+pytestmark = pytest.mark.tls
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@dataclass
+class Certificates:
+    directory: Path
+    authority: Authority
+    other: Authority  # another CA, trusted by nobody here
+
+    def path(self, name: str) -> str:
+        return str(self.directory / name)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    directory = tmp_path_factory.mktemp("certs")
+    authority, other = Authority(), Authority("another CA")
+    authority.pem.write(directory, "ca")
+    other.pem.write(directory, "other-ca")
+    # The edge's and the replicas' certificate (server and client use: Envoy presents it to the replicas too).
+    authority.issue("localhost", hosts=("localhost", "127.0.0.1")).write(directory, "server")
+    authority.issue("caller", uris=(CLIENT_SPIFFE_ID,), server=False).write(directory, "client")
+    other.issue("intruder", uris=("spiffe://elsewhere/intruder",), server=False).write(directory, "intruder")
+    other.issue("localhost", hosts=("localhost", "127.0.0.1")).write(directory, "impostor")
+    return Certificates(directory, authority, other)
+
+
+def mutual_env(certs: Certificates) -> dict[str, str]:
+    return {
+        "CHATWIRE_MTLS_CA_FILE": certs.path("ca.pem"),
+        "CHATWIRE_MTLS_CERT_FILE": certs.path("server.pem"),
+        "CHATWIRE_MTLS_KEY_FILE": certs.path("server-key.pem"),
+    }
+
+
+@pytest.fixture(scope="module")
+def secure(request: pytest.FixtureRequest, certificates: Certificates) -> Iterator[Stack]:
+    """A replica with mutual TLS behind an edge serving HTTPS; the edge's certificate in its own directory, which
+    the rotation test replaces."""
+    edge = certificates.directory / "edge"
+    edge.mkdir()
+    certificates.authority.issue("localhost", hosts=("localhost", "127.0.0.1")).write(edge, "edge")
+    tls = {"CHATWIRE_TLS_CERT_FILE": str(edge / "edge.pem"), "CHATWIRE_TLS_KEY_FILE": str(edge / "edge-key.pem")}
+    mutual = mutual_env(certificates)
+    with run_stack(request, server_env=mutual, **mutual, **tls) as running:
+        yield running
+
+
+def https_url(running: Stack) -> str:
+    return f"https://127.0.0.1:{running.ports.http}/v1"
+
+
+def test_the_openai_sdk_over_https_unary_and_stream(secure: Stack, certificates: Certificates) -> None:
+    with httpx.Client(verify=certificates.path("ca.pem"), timeout=60) as http:
+        client = openai.OpenAI(base_url=https_url(secure), api_key="unused", max_retries=0, http_client=http)
+        reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4)  # type: ignore[arg-type]
+        assert_valid(reply.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+        stream = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, stream=True)  # type: ignore[arg-type]
+        chunks = list(stream)
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_http2_is_negotiated_by_alpn(secure: Stack, certificates: Certificates) -> None:
+    with httpx.Client(verify=certificates.path("ca.pem"), http2=True, timeout=30) as http:
+        reply = http.get(f"{https_url(secure)}/models")
+    assert reply.status_code == 200 and reply.http_version == "HTTP/2"
+
+
+def test_tls_below_1_2_and_plaintext_are_refused(secure: Stack, certificates: Certificates) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(certificates.path("ca.pem"))
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", secure.ports.http), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            old.wrap_socket(raw, server_hostname="localhost")
+    # Plaintext HTTP to the TLS port: the connection closes, nothing hangs.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{secure.ports.http}/v1/models", timeout=10)
+
+
+def test_a_client_of_another_ca_refuses_the_edge(secure: Stack, certificates: Certificates) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{https_url(secure)}/models", verify=certificates.path("other-ca.pem"), timeout=10)
+
+
+def edge_serial(running: Stack, certificates: Certificates) -> int:
+    context = ssl.create_default_context(cafile=certificates.path("ca.pem"))
+    with socket.create_connection(("127.0.0.1", running.ports.http), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_certificates_rotate_without_a_restart_and_open_streams_go_on(
+    secure: Stack, certificates: Certificates
+) -> None:
+    before = edge_serial(secure, certificates)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 120, "stream": True, "logit_bias": NO_END_BIAS}
+    with httpx.Client(verify=certificates.path("ca.pem"), timeout=120) as http:
+        with http.stream("POST", f"{https_url(secure)}/chat/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            # New files, written beside and renamed into place (as Kubernetes and cert-manager swap them).
+            edge = certificates.directory / "edge"
+            fresh = certificates.authority.issue("localhost", hosts=("localhost", "127.0.0.1"))
+            fresh.write(edge, "next")
+            os.replace(edge / "next-key.pem", edge / "edge-key.pem")
+            os.replace(edge / "next.pem", edge / "edge.pem")
+            after = before
+            deadline = time.monotonic() + 10
+            while after == before and time.monotonic() < deadline:
+                time.sleep(0.2)
+                after = edge_serial(secure, certificates)
+            assert after != before
+            assert after == x509.load_pem_x509_certificate(fresh.cert).serial_number
+            rest = "\n".join(lines)
+    events = parse_sse(rest)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def grpc_call(target: str, credentials: grpc.ChannelCredentials) -> chat_completion_pb2.CreateChatCompletionResponse:
+    request = json_format.ParseDict(
+        {"model": MODEL, "messages": HI, "max_tokens": 2}, chat_completion_pb2.CreateChatCompletionRequest()
+    )
+    with grpc.secure_channel(target, credentials) as channel:
+        return chat_service_pb2_grpc.ChatServiceStub(channel).CreateChatCompletion(request, timeout=30)
+
+
+def credentials(certs: Certificates, ca: str, client: str | None) -> grpc.ChannelCredentials:
+    root = Path(certs.path(ca)).read_bytes()
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=root)
+    cert, key = Path(certs.path(f"{client}.pem")).read_bytes(), Path(certs.path(f"{client}-key.pem")).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
+
+
+@pytest.mark.parametrize("through", ["replica", "edge"])
+def test_grpc_callers_need_a_certificate_of_the_ca(secure: Stack, certificates: Certificates, through: str) -> None:
+    target = secure.grpc_target if through == "replica" else secure.grpc_edge_target
+    for refused in (credentials(certificates, "ca.pem", None), credentials(certificates, "ca.pem", "intruder")):
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_call(target, refused)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError):  # and callers check the server: one of another CA is refused
+        grpc_call(target, credentials(certificates, "other-ca.pem", "client"))
+    reply = grpc_call(target, credentials(certificates, "ca.pem", "client"))
+    assert reply.choices[0].message.content.string_value is not None
+
+
+def test_the_replica_logs_who_called(secure: Stack, certificates: Certificates) -> None:
+    grpc_call(secure.grpc_target, credentials(certificates, "ca.pem", "client"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        peers = [
+            json.loads(line).get("peer")
+            for line in secure.server_log.read_text().splitlines()
+            if line.startswith("{") and '"msg": "request"' in line
+        ]
+        if CLIENT_SPIFFE_ID in peers:
+            # Calls through the edge name the edge's certificate (it is the replica's peer).
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no request line names {CLIENT_SPIFFE_ID}: {peers}")
