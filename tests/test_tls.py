@@ -193,3 +193,31 @@ def test_the_replica_logs_who_called(secure: Stack, certificates: Certificates) 
             return
         time.sleep(0.2)
     raise AssertionError(f"no request line names {CLIENT_SPIFFE_ID}: {peers}")
+
+
+def replica_serial(running: Stack, certificates: Certificates) -> int:
+    """The serial of the certificate the replica presents to a new connection (with our client certificate)."""
+    context = ssl.create_default_context(cafile=certificates.path("ca.pem"))
+    context.load_cert_chain(certificates.path("client.pem"), certificates.path("client-key.pem"))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", running.ports.grpc), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_replicas_certificate_rotates_without_a_restart(secure: Stack, certificates: Certificates) -> None:
+    before = replica_serial(secure, certificates)
+    fresh = certificates.authority.issue("localhost", hosts=("localhost", "127.0.0.1"))
+    fresh.write(certificates.directory, "next-server")
+    os.replace(certificates.directory / "next-server-key.pem", certificates.directory / "server-key.pem")
+    os.replace(certificates.directory / "next-server.pem", certificates.directory / "server.pem")
+    expected = x509.load_pem_x509_certificate(fresh.cert).serial_number
+    deadline = time.monotonic() + 10
+    while (serial := replica_serial(secure, certificates)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert before != expected and serial == expected
+    # Envoy took the new pair too (the same files): calls through the edge and to the replica still work.
+    assert grpc_call(secure.grpc_edge_target, credentials(certificates, "ca.pem", "client")).choices
+    assert grpc_call(secure.grpc_target, credentials(certificates, "ca.pem", "client")).choices
