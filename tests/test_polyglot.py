@@ -28,6 +28,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server.edge import stack
+from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
 from conftest import CONFORMANCE, MODEL, NO_END_BIAS, _dump_logs, assert_valid, metric, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,11 +295,17 @@ def python_helper() -> ModuleType:
 
 
 def python_call(
-    helper: ModuleType, address: str, rpc: str, request: dict[str, Any], metadata: dict[str, str]
+    helper: ModuleType,
+    address: str,
+    rpc: str,
+    request: dict[str, Any],
+    metadata: dict[str, str],
+    tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One call through the Python helper's channel, reported as the conformance programs report theirs."""
+    """One call through the Python helper's channel (TLS with `tls`, the conformance programs' "tls" object, whose keys
+    are the helper's arguments), reported as the conformance programs report theirs."""
     message = json_format.ParseDict(request, chat_completion_pb2.CreateChatCompletionRequest())
-    with helper.channel(address) as channel:
+    with helper.channel(address, **(tls or {})) as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         options: dict[str, Any] = {"metadata": list(metadata.items()), "timeout": 30}
         try:
@@ -323,15 +330,17 @@ def scripted_call(
     fields: dict[str, Any],
     metadata: dict[str, str],
     model: str = "scripted",
-) -> tuple[dict[str, Any], list[str]]:
-    """A call from `client` to the scripted server: what it reported, and the x-chatwire-affinity values it sent."""
+    tls: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], list[str] | None]:
+    """A call from `client` to the scripted server (over TLS with `tls`): what it reported, and the
+    x-chatwire-affinity values it sent (None if the call never reached the servicer)."""
     model = f"{model}-{uuid.uuid4().hex}"
     request = {"model": model, "messages": HI, **fields}
     if client == "python":
-        result = python_call(helper, scripted.address, rpc, request, metadata)
+        result = python_call(helper, scripted.address, rpc, request, metadata, tls)
     else:
-        result = call(client, scripted, rpc, request, api_key=None, metadata=metadata)
-    return result, scripted.calls[model]
+        result = call(client, scripted, rpc, request, api_key=None, metadata=metadata, tls=tls)
+    return result, scripted.calls.get(model)
 
 
 CLIENTS = pytest.mark.parametrize("client", [*sorted(CONFORMANCE), "python"])
@@ -387,26 +396,114 @@ def test_replica_of_an_error(
     assert result["replica"] == REPLICA
 
 
+class Pki:
+    """Certificates for the TLS tests, as files: chatwire's CA and another, a server certificate from chatwire's CA,
+    and client certificates from both."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory  # ca.pem, client.pem and client-key.pem, as `make certs` names them
+        ours, other = Authority(), Authority("another CA")
+        self.ca, _ = ours.pem.write(directory, "ca")
+        self.other_ca, _ = other.pem.write(directory, "other-ca")
+        self.server = ours.issue("localhost", hosts=("localhost", "127.0.0.1"), client=False)
+        self.client = ours.issue("chatwire-client", uris=(CLIENT_SPIFFE_ID,), server=False).write(directory, "client")
+        self.stranger = other.issue("chatwire-client", uris=(CLIENT_SPIFFE_ID,), server=False).write(
+            directory, "stranger"
+        )
+        self.ca_pem = self.ca.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def scripted_tls(pki: Pki) -> Iterator[Scripted]:
+    """The scripted server over mutual TLS: a client certificate from chatwire's CA is required."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server.key, pki.server.cert)], root_certificates=pki.ca_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    servicer = Scripted(f"127.0.0.1:{port}")
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+    server.start()
+    yield servicer
+    server.stop(grace=None)
+
+
+@CLIENTS
+@RPCS
+@pytest.mark.parametrize(
+    ("ca", "client_cert", "served"),
+    [
+        P("ca", "client", True, id="mutual"),
+        P("ca", None, False, id="no-client-cert"),
+        P("ca", "stranger", False, id="client-cert-of-another-ca"),
+        P("other_ca", "client", False, id="server-cert-of-another-ca"),
+    ],
+)
+def test_mutual_tls(
+    built_clients: None,
+    pki: Pki,
+    scripted_tls: Scripted,
+    python_helper: ModuleType,
+    client: str,
+    rpc: str,
+    ca: str,
+    client_cert: str | None,
+    served: bool,
+) -> None:
+    """Served only when each side's certificate chains to the CA the other trusts; otherwise the handshake fails and
+    the call is UNAVAILABLE without reaching the server."""
+    tls = {"ca_file": str(getattr(pki, ca))}
+    if client_cert:
+        cert_file, key_file = getattr(pki, client_cert)
+        tls |= {"cert_file": str(cert_file), "key_file": str(key_file)}
+    result, received = scripted_call(client, scripted_tls, python_helper, rpc, {"user": "alice"}, {}, tls=tls)
+    if served:
+        assert received == ["alice"] and "error" not in result and result["replica"] == REPLICA, result
+        assert len(result["chunks"]) == 1 if rpc == "stream" else result["response"]["id"] == REPLY["id"], result
+    else:
+        assert received is None
+        error_of(result, grpc.StatusCode.UNAVAILABLE)
+        assert result["replica"] is None
+
+
 README = (ROOT / "README.md").read_text()
 SHELL = [body for lang, body in re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S) if lang == "sh"]
 EXAMPLE_PROGRAMS = ("clients/typescript/dist/example.js", "build/clients/go/chatwire-example")
+CERTS = "build/certs/"  # where `make certs` writes; the TLS examples name it
 POLYGLOT_EXAMPLES = [body for body in SHELL if any(program in body for program in EXAMPLE_PROGRAMS)]
+PLAIN_EXAMPLES = [body for body in POLYGLOT_EXAMPLES if CERTS not in body]
+TLS_EXAMPLES = [body for body in POLYGLOT_EXAMPLES if CERTS in body]
 
 
-def run_example(example: str, server: Server, key: str | None) -> subprocess.CompletedProcess[str]:
-    """A README command, run as written but for the server's address, the key in CHATWIRE_API_KEY (or none)."""
+def example_language(example: str) -> str:
+    return "typescript" if EXAMPLE_PROGRAMS[0] in example else "go"
+
+
+def run_example(
+    example: str, server: Server | Scripted, key: str | None, certs: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A README command, run as written but for the server's address, the key in CHATWIRE_API_KEY (or none), and
+    the certificates in `certs` for those in build/certs/."""
     env = {name: value for name, value in os.environ.items() if name != "CHATWIRE_API_KEY"}
     if key:
         env["CHATWIRE_API_KEY"] = key
     command = example.replace("127.0.0.1:50050", server.address)
+    if certs:
+        command = command.replace(CERTS, f"{certs}/")
     return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
 
 
 def test_readme_names_both_languages() -> None:
-    assert len(POLYGLOT_EXAMPLES) == 2, POLYGLOT_EXAMPLES
+    assert sorted(map(example_language, PLAIN_EXAMPLES)) == ["go", "typescript"], PLAIN_EXAMPLES
+    assert sorted(map(example_language, TLS_EXAMPLES)) == ["go", "typescript"], TLS_EXAMPLES
 
 
-@pytest.mark.parametrize("example", POLYGLOT_EXAMPLES, ids=["typescript", "go"])
+@pytest.mark.parametrize("example", PLAIN_EXAMPLES, ids=example_language)
 def test_readme_examples(built_clients: None, server: Server, example: str) -> None:
     result = run_example(example, server, API_KEY)
     assert result.returncode == 0, result.stderr
@@ -416,10 +513,19 @@ def test_readme_examples(built_clients: None, server: Server, example: str) -> N
 
 def test_readme_example_reports_errors(built_clients: None, server: Server) -> None:
     """Without the key, each example exits 1 naming the status and the OpenAI code."""
-    for example in POLYGLOT_EXAMPLES:
+    for example in PLAIN_EXAMPLES:
         result = run_example(example, server, None)
         assert result.returncode == 1 and "INVALID_API_KEY" in result.stderr, (example, result.stderr)
         assert re.search(r"Unauthenticated", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("example", TLS_EXAMPLES, ids=example_language)
+def test_readme_tls_examples(built_clients: None, pki: Pki, scripted_tls: Scripted, example: str) -> None:
+    """The README's mutual-TLS commands, with the tests' certificates in place of `make certs`' own: both calls are
+    served (the scripted server answers "Hi")."""
+    result = run_example(example, scripted_tls, None, pki.directory)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Hi", "Hi"], result.stdout
 
 
 def test_proto_bundle_is_self_contained(built_clients: None, tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from conftest import Stack, assert_valid, parse_sse
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-CURL = [body for lang, body in BLOCKS if lang == "sh" and body.startswith("curl")]
-PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+# The TLS section's examples run against a stack with TLS on (tests/test_tls.py).
+CURL = [body for lang, body in BLOCKS if lang == "sh" and body.startswith("curl") and "https://" not in body]
+PYTHON = [body for lang, body in BLOCKS if lang == "python" and "https://" not in body]
+TLS_EXAMPLES = [body for lang, body in BLOCKS if lang in ("sh", "python") and "https://127.0.0.1:8080" in body]
 
 
 def on_test_ports(text: str, chatwire: Stack) -> str:

@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ from cryptography import x509
 from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
+from chatwire_server.edge import stack
 from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
 from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, parse_sse, run_stack
+from test_readme import TLS_EXAMPLES
 
 pytestmark = pytest.mark.tls
 
@@ -221,3 +225,17 @@ def test_a_replicas_certificate_rotates_without_a_restart(secure: Stack, certifi
     # Envoy took the new pair too (the same files): calls through the edge and to the replica still work.
     assert grpc_call(secure.grpc_edge_target, credentials(certificates, "ca.pem", "client")).choices
     assert grpc_call(secure.grpc_target, credentials(certificates, "ca.pem", "client")).choices
+
+
+@pytest.mark.parametrize("example", TLS_EXAMPLES, ids=["curl", "openai-sdk"])
+def test_the_readmes_tls_examples_as_written(secure: Stack, certificates: Certificates, example: str) -> None:
+    """The README's TLS section against this stack: its port and `build/certs/` swapped for the test's."""
+    text = example.replace("127.0.0.1:8080", f"127.0.0.1:{secure.ports.http}")
+    text = text.replace("build/certs/", f"{certificates.directory}/")
+    command = ["bash", "-c", text] if example.startswith("curl") else [sys.executable, "-c", text]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=stack.python_env())
+    assert result.returncode == 0, result.stderr
+    if example.startswith("curl"):
+        assert_valid(json.loads(result.stdout), "CreateChatCompletionResponse")
+    else:
+        assert result.stdout.strip()

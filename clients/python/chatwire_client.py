@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -101,11 +102,34 @@ def intercepted(channel: grpc.Channel) -> grpc.Channel:
     return grpc.intercept_channel(channel, AffinityInterceptor())
 
 
-def channel(address: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
-    """A plaintext channel to `address` (host:port; Envoy's gRPC listener is 127.0.0.1:50050) whose chat calls carry
-    their affinity key; `options` are grpc channel arguments. For TLS, pass `grpc.secure_channel(...)` to
-    `intercepted`."""
-    return intercepted(grpc.insecure_channel(address, options=options))
+def channel(
+    address: str,
+    options: Sequence[tuple[str, Any]] | None = None,
+    *,
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.Channel:
+    """A channel to `address` (host:port; Envoy's gRPC listener is 127.0.0.1:50050) whose chat calls carry their
+    affinity key; `options` are grpc channel arguments.
+
+    Plaintext, or with `ca_file` TLS: the server's certificate must chain to a CA in that PEM file (instead of
+    grpc's built-in roots) and name the host in `address`. With `cert_file` and `key_file` (PEM, both or neither)
+    the client presents that certificate, for servers that require mutual TLS. Any other channel (your own
+    credentials) can be passed to `intercepted`."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    if ca_file is None:
+        if cert_file is not None:
+            # It would otherwise go unused over plaintext.
+            raise ValueError("a client certificate needs ca_file too")
+        return intercepted(grpc.insecure_channel(address, options=options))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file is not None else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file is not None else None,
+    )
+    return intercepted(grpc.secure_channel(address, credentials, options=options))
 
 
 def replica(call: grpc.Call) -> str | None:

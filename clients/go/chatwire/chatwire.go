@@ -8,14 +8,18 @@ package chatwire
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 
 	chatwirev1 "github.com/chatwire/chatwire/gen/go/chatwire/v1"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -95,6 +99,32 @@ func WithAPIKey(ctx context.Context, key string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
 }
 
+// TransportCredentials is TLS (1.2 or later) for grpc.WithTransportCredentials: the server's certificate must
+// chain to a CA in caFile (PEM; the system's roots are not consulted) and name the host dialled. With certFile
+// and keyFile (PEM, both or neither) the client presents that certificate, for servers that require mutual TLS.
+func TransportCredentials(caFile, certFile, keyFile string) (credentials.TransportCredentials, error) {
+	if (certFile == "") != (keyFile == "") {
+		return nil, errors.New("chatwire: a client certificate needs its key, and a key its certificate")
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("chatwire: CA file: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("chatwire: no PEM certificate in %s", caFile)
+	}
+	config := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
+	if certFile != "" {
+		certificate, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("chatwire: client certificate: %w", err)
+		}
+		config.Certificates = []tls.Certificate{certificate}
+	}
+	return credentials.NewTLS(config), nil
+}
+
 // AffinityHeader is the metadata that keys a chat call to a replica: Envoy's gRPC listener cannot read protobuf
 // bodies, so it hashes this header to send a conversation's calls to the replica whose prefix cache holds it.
 const AffinityHeader = "x-chatwire-affinity"
@@ -147,6 +177,8 @@ func withAffinity(ctx context.Context, request *chatwirev1.CreateChatCompletionR
 //
 //	grpc.Dial(addr, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
 //		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
+//
+// For TLS, grpc.WithTransportCredentials(creds), creds from TransportCredentials, takes grpc.WithInsecure()'s place.
 func UnaryAffinity(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
 	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	if request, ok := req.(*chatwirev1.CreateChatCompletionRequest); ok {

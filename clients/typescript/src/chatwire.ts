@@ -5,11 +5,13 @@
  * tool `parameters` and `tool_choice` need no hand-built Value or Struct; replies are read back as OpenAI JSON the
  * same way (`toJson`), or field by field from the typed messages.
  */
+import { readFileSync } from "node:fs";
+
 import { fromJson, toJson, type DescMessage, type JsonObject, type MessageShape } from "@bufbuild/protobuf";
 import type { Value } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createAsyncIterable } from "@connectrpc/connect/protocol";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import {
   CreateChatCompletionRequestSchema,
@@ -31,11 +33,24 @@ export const REPLICA_HEADER = "x-chatwire-replica";
 const MAX_AFFINITY_KEY = 256;
 const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
 
+/** The PEM files for TLS: the CA that signed the server's certificate, and for mutual TLS a client certificate. */
+export interface TlsFiles {
+  /** The CA certificate(s) the server's certificate must chain to (instead of Node's built-in roots). */
+  caFile: string;
+  /** The client certificate chain and its private key, for a server that requires one; both or neither. */
+  certFile?: string;
+  keyFile?: string;
+}
+
 /**
- * A ChatService client for `address` (host:port, plaintext HTTP/2); `apiKey` goes out as `authorization`. Chat
- * calls carry their `affinityKey` (see `affinityInterceptor`).
+ * A ChatService client for `address` (host:port): plaintext HTTP/2, or TLS with `tls` (the host must be a name or
+ * address in the server's certificate). `apiKey` goes out as `authorization`. Chat calls carry their `affinityKey`
+ * (see `affinityInterceptor`).
  */
-export function chatwireClient(address: string, options: { apiKey?: string } = {}): Client<typeof ChatService> {
+export function chatwireClient(
+  address: string,
+  options: { apiKey?: string; tls?: TlsFiles } = {},
+): Client<typeof ChatService> {
   const interceptors: Interceptor[] = [affinityInterceptor];
   if (options.apiKey) {
     const bearer = `Bearer ${options.apiKey}`;
@@ -44,7 +59,63 @@ export function chatwireClient(address: string, options: { apiKey?: string } = {
       return next(request);
     });
   }
-  return createClient(ChatService, createGrpcTransport({ baseUrl: `http://${address}`, interceptors }));
+  const { tls } = options;
+  if (tls && !tls.certFile !== !tls.keyFile) {
+    throw new Error("chatwire: a client certificate needs its key, and a key its certificate");
+  }
+  const baseUrl = `${tls ? "https" : "http"}://${address}`;
+  // Node's TLS options, read once here: a missing file fails now rather than at the first call.
+  const nodeOptions = tls && {
+    ca: readFileSync(tls.caFile),
+    cert: tls.certFile ? readFileSync(tls.certFile) : undefined,
+    key: tls.keyFile ? readFileSync(tls.keyFile) : undefined,
+  };
+  // Our own session manager (the transport would make the same one): connectionErrors reads its state.
+  const sessionManager = new Http2SessionManager(baseUrl, {}, nodeOptions);
+  interceptors.unshift(connectionErrors(sessionManager));
+  return createClient(ChatService, createGrpcTransport({ baseUrl, interceptors, sessionManager }));
+}
+
+/**
+ * Reports a call that failed because its connection did, as gRPC's own clients (and chatwire's Go and Python
+ * helpers) do: UNAVAILABLE. connect-node says INTERNAL when the connection cannot be made (e.g. the server's
+ * certificate does not verify), and CANCELLED when the server closes it under open calls (e.g. one that requires a
+ * client certificate, right after a TLS 1.3 handshake). A call the caller cancelled, or whose deadline passed,
+ * keeps its code, as does any error the server sent.
+ */
+function connectionErrors(sessions: Http2SessionManager): Interceptor {
+  const reported = (thrown: unknown, signal: AbortSignal): unknown => {
+    if (signal.aborted) return thrown;
+    const error = ConnectError.from(thrown);
+    const state = sessions.state();
+    if (state === "error" && error.code === Code.Internal) {
+      return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, [], error);
+    }
+    if ((state === "closed" || state === "error") && error.code === Code.Canceled) {
+      return new ConnectError(`connection closed (${error.rawMessage})`, Code.Unavailable, error.metadata, [], error);
+    }
+    return thrown;
+  };
+  return (next) => async (req) => {
+    let res;
+    try {
+      res = await next(req);
+    } catch (thrown) {
+      throw reported(thrown, req.signal);
+    }
+    if (!res.stream) return res;
+    const messages = res.message;
+    return {
+      ...res,
+      message: (async function* () {
+        try {
+          yield* messages;
+        } catch (thrown) {
+          throw reported(thrown, req.signal);
+        }
+      })(),
+    };
+  };
 }
 
 /**

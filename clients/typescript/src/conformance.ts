@@ -1,7 +1,7 @@
 /**
  * The scenarios tests/test_polyglot.py runs against the live server, one per invocation. Reads one call from stdin:
  *   {"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?,
- *    "metadata"?: {name: value}}
+ *    "metadata"?: {name: value}, "tls"?: {"ca_file", "cert_file"?, "key_file"?}}
  * and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}, each with "replica" (the
  * x-chatwire-replica the call received, or null).
  */
@@ -24,10 +24,13 @@ interface Call {
   timeout_ms?: number;
   cancel_after?: number;
   metadata?: Record<string, string>;
+  tls?: { ca_file: string; cert_file?: string; key_file?: string } | null;
 }
 
 const call = JSON.parse(readFileSync(0, "utf8")) as Call;
-const client = chatwireClient(call.address, { apiKey: call.api_key });
+const files = call.tls;
+const tls = files ? { caFile: files.ca_file, certFile: files.cert_file, keyFile: files.key_file } : undefined;
+const client = chatwireClient(call.address, { apiKey: call.api_key, tls });
 const request = chatRequest(call.request);
 const controller = new AbortController();
 // Where x-chatwire-replica can come from: the reply's headers, its trailers, a failed call's metadata.

@@ -2,6 +2,8 @@
  * chatwire over gRPC from TypeScript: one reply, then the same conversation streamed.
  *
  *   node dist/example.js "Say hello."      (CHATWIRE_GRPC=host:port, default 127.0.0.1:50050; CHATWIRE_API_KEY)
+ *
+ * With CHATWIRE_CA_FILE it speaks TLS, and with CHATWIRE_CLIENT_CERT_FILE and CHATWIRE_CLIENT_KEY_FILE mutual TLS.
  */
 import { randomUUID } from "node:crypto";
 
@@ -9,8 +11,17 @@ import { Code } from "@connectrpc/connect";
 
 import { chatRequest, chatwireClient, chatwireError, text } from "./chatwire.js";
 
+const caFile = process.env.CHATWIRE_CA_FILE;
+const certFile = process.env.CHATWIRE_CLIENT_CERT_FILE;
+const keyFile = process.env.CHATWIRE_CLIENT_KEY_FILE;
+// A client certificate without a CA would otherwise go unused over plaintext.
+if (!caFile && (certFile || keyFile)) {
+  console.error("a client certificate needs CHATWIRE_CA_FILE too");
+  process.exit(1);
+}
 const client = chatwireClient(process.env.CHATWIRE_GRPC ?? "127.0.0.1:50050", {
   apiKey: process.env.CHATWIRE_API_KEY,
+  tls: caFile ? { caFile, certFile, keyFile } : undefined,
 });
 // The request is OpenAI's JSON; fromJson fills the Value and Struct fields. Both calls below share the conversation,
 // so they share a prompt_cache_key: the client sends it as x-chatwire-affinity metadata, and behind Envoy's gRPC

@@ -1,7 +1,7 @@
 // Command chatwire-conformance runs one of tests/test_polyglot.py's scenarios against a live server. It reads
 //
 //	{"address", "api_key"?, "rpc": "unary" | "stream", "request": <OpenAI JSON>, "timeout_ms"?, "cancel_after"?,
-//	 "metadata"?: {name: value}}
+//	 "metadata"?: {name: value}, "tls"?: {"ca_file", "cert_file"?, "key_file"?}}
 //
 // from stdin and prints what came back as OpenAI JSON: {"response"} | {"chunks", "error"?} | {"error"}, each with
 // "replica" (the x-chatwire-replica the call received, or null).
@@ -30,6 +30,11 @@ type call struct {
 	TimeoutMS   int               `json:"timeout_ms"`
 	CancelAfter int               `json:"cancel_after"`
 	Metadata    map[string]string `json:"metadata"`
+	TLS         *struct {
+		CAFile   string `json:"ca_file"`
+		CertFile string `json:"cert_file"`
+		KeyFile  string `json:"key_file"`
+	} `json:"tls"`
 }
 
 func main() {
@@ -41,7 +46,15 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	conn, err := grpc.Dial(c.Address, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
+	transport := grpc.WithInsecure()
+	if c.TLS != nil {
+		creds, err := chatwire.TransportCredentials(c.TLS.CAFile, c.TLS.CertFile, c.TLS.KeyFile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		transport = grpc.WithTransportCredentials(creds)
+	}
+	conn, err := grpc.Dial(c.Address, transport, grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
 		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
 	if err != nil {
 		log.Fatal(err)

@@ -1,6 +1,10 @@
 // Command chatwire-example calls chatwire over gRPC from Go: one reply, then the same conversation streamed.
 //
-//	chatwire-example [-addr 127.0.0.1:50050] [-key sk-...] "Say hello."
+//	chatwire-example [-addr 127.0.0.1:50050] [-key sk-...] [-ca ca.pem [-cert client.pem -cert-key client-key.pem]] \
+//		"Say hello."
+//
+// With -ca (or CHATWIRE_CA_FILE) it speaks TLS, and with -cert and -cert-key (or CHATWIRE_CLIENT_CERT_FILE and
+// CHATWIRE_CLIENT_KEY_FILE) mutual TLS; -key stays the API key.
 package main
 
 import (
@@ -24,15 +28,29 @@ import (
 func main() {
 	addr := flag.String("addr", "127.0.0.1:50050", "chatwire's gRPC address: the edge's internal listener, or one replica")
 	key := flag.String("key", os.Getenv("CHATWIRE_API_KEY"), "API key, if the server requires one")
+	ca := flag.String("ca", os.Getenv("CHATWIRE_CA_FILE"), "CA certificate (PEM) for the server's: TLS, not plaintext")
+	cert := flag.String("cert", os.Getenv("CHATWIRE_CLIENT_CERT_FILE"), "client certificate (PEM), for mutual TLS")
+	certKey := flag.String("cert-key", os.Getenv("CHATWIRE_CLIENT_KEY_FILE"), "the client certificate's key (PEM)")
 	flag.Parse()
 	prompt := "Say hello."
 	if flag.NArg() > 0 {
 		prompt = flag.Arg(0)
 	}
 
+	transport := grpc.WithInsecure()
+	if *ca != "" {
+		creds, err := chatwire.TransportCredentials(*ca, *cert, *certKey)
+		if err != nil {
+			log.Fatal(err)
+		}
+		transport = grpc.WithTransportCredentials(creds)
+	} else if *cert != "" || *certKey != "" {
+		// A client certificate without a CA would otherwise go unused over plaintext.
+		log.Fatal("a client certificate needs -ca (CHATWIRE_CA_FILE) too")
+	}
 	// The affinity interceptors send each chat request's key (prompt_cache_key, else safety_identifier, else user)
 	// as x-chatwire-affinity metadata: behind Envoy's gRPC listener, the key's calls reach one replica.
-	conn, err := grpc.Dial(*addr, grpc.WithInsecure(), grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
+	conn, err := grpc.Dial(*addr, transport, grpc.WithChainUnaryInterceptor(chatwire.UnaryAffinity),
 		grpc.WithChainStreamInterceptor(chatwire.StreamAffinity))
 	if err != nil {
 		log.Fatal(err)
