@@ -228,6 +228,7 @@ def markdown(results: dict[str, Any]) -> str:
         notes.append("- llama_cpp.server ignores `n`: it returned one choice per request in the n4 workload.")
     lines += _affinity(results)
     lines += _first_waves(results)
+    lines += _tls(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
@@ -304,6 +305,37 @@ def _affinity(results: dict[str, Any]) -> list[str]:
         "| unkeyed TTFT p50 ms | unkeyed TTFT p99 ms | busiest / mean | p95 | peak on one | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *mixed_rows,
+        "",
+    ]
+
+
+def _tls(results: dict[str, Any]) -> list[str]:
+    """HTTPS at the edge and mutual TLS to the replica against plaintext (bench/tls_cost.py)."""
+    run = results.get("tls")
+    if not run:
+        return []
+    plain, tls = run["modes"]["plaintext"], run["modes"]["tls"]
+    rows = [
+        f"| {name} | {m['ttft_p50_ms']:.2f} | {m['one_token_p50_ms']:.2f} | {m['new_connection_p50_ms']:.2f} | "
+        f"{m['c16_tokens_per_s']:.1f} |"
+        for name, m in (("plaintext", plain), ("HTTPS at the edge, mutual TLS inside", tls))
+    ]
+    return [
+        "## TLS",
+        "",
+        f"One replica behind the edge, plaintext against HTTPS at the edge with mutual TLS to the replica, two stacks "
+        f"measured in turns ({run['rounds']} rounds; c16: {run['c16_rounds']} rounds of 16 streams of "
+        f"{run['c16_tokens']} tokens), {run['date']}, {run['cpu']}. `python bench/tls_cost.py` (part of "
+        "`make bench`). TTFT and the 1-token request on kept-open connections; a new connection: TCP connect, plus "
+        "the TLS handshake for HTTPS.",
+        "",
+        "| transport | TTFT p50 ms | 1-token request p50 ms | new connection p50 ms | c16 tokens/s |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"TLS adds {tls['ttft_p50_ms'] - plain['ttft_p50_ms']:+.2f} ms at the first token, "
+        f"{tls['new_connection_p50_ms'] - plain['new_connection_p50_ms']:+.2f} ms per new connection, and changes "
+        f"c16 throughput by {100 * (tls['c16_tokens_per_s'] / plain['c16_tokens_per_s'] - 1):+.1f}%.",
         "",
     ]
 

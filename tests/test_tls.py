@@ -24,9 +24,10 @@ from cryptography import x509
 from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
-from chatwire_server.edge import stack
+from chatwire_server import tls
+from chatwire_server.edge import envoy_tls, stack
 from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
-from conftest import MODEL, NO_END_BIAS, Stack, assert_valid, parse_sse, run_stack
+from conftest import CONFORMANCE, MODEL, NO_END_BIAS, Stack, assert_valid, parse_sse, run_stack
 from test_readme import TLS_EXAMPLES
 
 pytestmark = pytest.mark.tls
@@ -239,3 +240,31 @@ def test_the_readmes_tls_examples_as_written(secure: Stack, certificates: Certif
         assert_valid(json.loads(result.stdout), "CreateChatCompletionResponse")
     else:
         assert result.stdout.strip()
+
+
+def test_the_edge_and_the_servers_read_the_same_mutual_tls_settings() -> None:
+    # envoy_tls is standard library only (the gateway image runs it alone), so it names them itself.
+    assert envoy_tls.MUTUAL_SETTINGS == tls.MUTUAL_SETTINGS
+
+
+@pytest.mark.parametrize("language", sorted(CONFORMANCE))
+def test_go_and_typescript_callers_over_mutual_tls_through_the_edge(
+    built_clients: None, secure: Stack, certificates: Certificates, language: str
+) -> None:
+    tls_files = {"ca_file": certificates.path("ca.pem")}
+    call = {"address": secure.grpc_edge_target, "rpc": "stream", "request": {"model": MODEL, "messages": HI}}
+    call["request"]["max_tokens"] = 4
+    for files, served in ((tls_files, False), ({**tls_files, **client_files(certificates)}, True)):
+        result = subprocess.run(
+            CONFORMANCE[language], input=json.dumps({**call, "tls": files}), capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        if served:
+            assert "error" not in outcome and outcome["replica"] == secure.replicas[0].name, outcome
+        else:  # no client certificate: the edge refuses the handshake
+            assert outcome["error"]["code"] == grpc.StatusCode.UNAVAILABLE.value[0], outcome
+
+
+def client_files(certs: Certificates) -> dict[str, str]:
+    return {"cert_file": certs.path("client.pem"), "key_file": certs.path("client-key.pem")}

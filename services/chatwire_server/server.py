@@ -81,6 +81,14 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     else:
         bound = server.add_secure_port(f"{host}:{port}", mutual.server_credentials())
     await server.start()
+    # Kubernetes' gRPC probes cannot present a client certificate: with mutual TLS, health (only) is also served
+    # in plaintext on CHATWIRE_HEALTH_PORT for them, when set.
+    probes = None
+    if mutual is not None and (health_port := int(os.environ.get("CHATWIRE_HEALTH_PORT", "0"))):
+        probes = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        probes.add_insecure_port(f"{host}:{health_port}")
+        await probes.start()
     log.info(
         "serving",
         extra={
@@ -103,6 +111,8 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     # Behind a balancer, keep serving until its health checks have seen NOT_SERVING and sent new work elsewhere.
     await asyncio.sleep(DRAIN_NOTICE_S)
     await server.stop(SHUTDOWN_GRACE_S)
+    if probes is not None:
+        await probes.stop(0)
     await registry.close()
     await limiter.close()
     log.info("stopped")

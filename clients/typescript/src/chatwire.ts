@@ -88,7 +88,10 @@ function connectionErrors(sessions: Http2SessionManager): Interceptor {
     if (signal.aborted) return thrown;
     const error = ConnectError.from(thrown);
     const state = sessions.state();
-    if (state === "error" && error.code === Code.Internal) {
+    // The handshake refused: a certificate that does not verify leaves the session in error; a peer's TLS alert
+    // ("certificate required") arrives as an OpenSSL error, whatever the session's state by then.
+    const tlsRefused = /SSL routines|alert number/.test(error.rawMessage);
+    if ((state === "error" || tlsRefused) && error.code === Code.Internal) {
       return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, [], error);
     }
     if ((state === "closed" || state === "error") && error.code === Code.Canceled) {

@@ -9,19 +9,24 @@
 Certificates reach Envoy through file-based SDS with a watched directory: replacing the files (written, then
 renamed into place, as Kubernetes and cert-manager do) serves the new certificate to new connections without a
 restart, while connections already open keep theirs.
+
+Standard library only: the gateway image runs this file as a script (`python3 envoy_tls.py SDS_DIR` prints the
+placeholders as shell assignments), without the service's packages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from chatwire_server.tls import Mutual
-
 EDGE_SETTINGS = ("CHATWIRE_TLS_CERT_FILE", "CHATWIRE_TLS_KEY_FILE")
+# The variables chatwire_server.tls reads on the servers (a test checks they agree).
+MUTUAL_SETTINGS = ("CHATWIRE_MTLS_CA_FILE", "CHATWIRE_MTLS_CERT_FILE", "CHATWIRE_MTLS_KEY_FILE")
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 # Mozilla's intermediate configuration (v5.7) for TLS 1.2, less the DHE suites BoringSSL does not implement.
 INTERMEDIATE_CIPHERS = [
@@ -39,18 +44,25 @@ TLS_PARAMS = {
 }
 
 
-def edge_certificate(environ: Mapping[str, str] = os.environ) -> tuple[Path, Path] | None:
+def _files(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[Path, ...] | None:
+    """The files `names` name: all of them, or None when none is set."""
+    values = [environ.get(name, "") for name in names]
+    if not any(values):
+        return None
+    if not all(values):
+        raise ValueError(f"set all of {', '.join(names)}, or none")
+    return tuple(Path(value) for value in values)
+
+
+def edge_certificate(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...] | None:
     """The public listener's certificate (chain) and key files, if TLS is on there."""
-    cert, key = (environ.get(name, "") for name in EDGE_SETTINGS)
-    if bool(cert) != bool(key):
-        raise ValueError("TLS at the edge needs both CHATWIRE_TLS_CERT_FILE and CHATWIRE_TLS_KEY_FILE")
-    return (Path(cert), Path(key)) if cert else None
+    return _files(environ, EDGE_SETTINGS)
 
 
 def transport_sockets(sds_dir: Path, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The placeholders' values (one-line YAML), writing the SDS files they name into `sds_dir`."""
     values = {"CHATWIRE_HTTP_TLS": "null", "CHATWIRE_GRPC_EDGE_TLS": "null", "CHATWIRE_UPSTREAM_TLS": "null"}
-    edge, mutual = edge_certificate(environ), Mutual.from_environment(environ)
+    edge, mutual = edge_certificate(environ), _files(environ, MUTUAL_SETTINGS)
     if edge is None and mutual is None:
         return values
     sds_dir.mkdir(parents=True, exist_ok=True)
@@ -76,11 +88,9 @@ def transport_sockets(sds_dir: Path, environ: Mapping[str, str] = os.environ) ->
         }
         values["CHATWIRE_HTTP_TLS"] = socket("DownstreamTlsContext", {"common_tls_context": common})
     if mutual is not None:
-        own = certificate("mutual_certificate", mutual.cert_file, mutual.key_file)
-        trusted = {
-            "trusted_ca": {"filename": str(mutual.ca_file)},
-            "watched_directory": {"path": str(mutual.ca_file.parent)},
-        }
+        ca_file, cert_file, key_file = mutual
+        own = certificate("mutual_certificate", cert_file, key_file)
+        trusted = {"trusted_ca": {"filename": str(ca_file)}, "watched_directory": {"path": str(ca_file.parent)}}
         ca = secret("mutual_ca", {"validation_context": trusted})
         common = {
             "tls_params": TLS_PARAMS,
@@ -92,3 +102,13 @@ def transport_sockets(sds_dir: Path, environ: Mapping[str, str] = os.environ) ->
         values["CHATWIRE_GRPC_EDGE_TLS"] = socket("DownstreamTlsContext", inbound)
         values["CHATWIRE_UPSTREAM_TLS"] = socket("UpstreamTlsContext", {"common_tls_context": common})
     return values
+
+
+def main() -> None:
+    """The gateway image: the placeholders' values as shell assignments, SDS files in argv[1]."""
+    for name, value in transport_sockets(Path(sys.argv[1])).items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
+if __name__ == "__main__":
+    main()
