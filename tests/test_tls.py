@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from cryptography import x509
 from google.protobuf import json_format
 
+import fuzzing as fz
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server import tls
 from chatwire_server.edge import envoy_tls, stack
@@ -69,14 +71,23 @@ def mutual_env(certs: Certificates) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def secure(request: pytest.FixtureRequest, certificates: Certificates) -> Iterator[Stack]:
-    """A replica with mutual TLS behind an edge serving HTTPS; the edge's certificate in its own directory, which
+    """Replicas with mutual TLS behind an edge serving HTTPS; the edge's certificate in its own directory, which
     the rotation test replaces."""
     edge = certificates.directory / "edge"
     edge.mkdir()
     certificates.authority.issue("localhost", hosts=("localhost", "127.0.0.1")).write(edge, "edge")
     tls = {"CHATWIRE_TLS_CERT_FILE": str(edge / "edge.pem"), "CHATWIRE_TLS_KEY_FILE": str(edge / "edge-key.pem")}
     mutual = mutual_env(certificates)
-    with run_stack(request, server_env=mutual, **mutual, **tls) as running:
+    # The fuzz stack's bounds (tests/test_fuzz.py), for the fuzz cases below: a mutated max_tokens is legitimate
+    # work, not a fault, and would take minutes on 2 cores.
+    config = certificates.directory / "models.toml"
+    config.write_text(
+        stack.DEFAULT_CONFIG.read_text()
+        .replace("# max_context = 8192", "max_context = 1024")
+        .replace("max_completion_budget = 65536", "max_completion_budget = 1024")
+    )
+    # Two replicas: Envoy's health checks (over mutual TLS) must pass on both before the stack counts as up.
+    with run_stack(request, config, server_env=mutual, replicas=2, **mutual, **tls) as running:
         yield running
 
 
@@ -261,10 +272,39 @@ def test_go_and_typescript_callers_over_mutual_tls_through_the_edge(
         assert result.returncode == 0, result.stderr
         outcome = json.loads(result.stdout)
         if served:
-            assert "error" not in outcome and outcome["replica"] == secure.replicas[0].name, outcome
+            assert "error" not in outcome and outcome["replica"] in {r.name for r in secure.replicas}, outcome
         else:  # no client certificate: the edge refuses the handshake
             assert outcome["error"]["code"] == grpc.StatusCode.UNAVAILABLE.value[0], outcome
 
 
 def client_files(certs: Certificates) -> dict[str, str]:
     return {"cert_file": certs.path("client.pem"), "key_file": certs.path("client-key.pem")}
+
+
+@pytest.mark.parametrize("case", ["unary completion", "for await stream with usage"])
+def test_the_openai_node_sdk_over_https(secure: Stack, certificates: Certificates, case: str) -> None:
+    """tests/node's cases, the CA given to Node as an extra trusted certificate (NODE_EXTRA_CA_CERTS)."""
+    node_dir = Path(__file__).parent / "node"
+    env = {
+        **os.environ,
+        "CHATWIRE_BASE_URL": https_url(secure),
+        "CHATWIRE_MODEL": MODEL,
+        "NODE_EXTRA_CA_CERTS": certificates.path("ca.pem"),
+        "NO_COLOR": "1",
+    }
+    command = ["node", "--test", "--test-reporter=spec", f"--test-name-pattern=^{case}$", "sdk.test.mjs"]
+    run = subprocess.run(command, cwd=node_dir, env=env, capture_output=True, text=True, timeout=200, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and re.search(r"^\S* ?pass 1$", output, re.MULTILINE), output
+
+
+def test_the_fixed_fuzz_cases_hold_over_https(secure: Stack, certificates: Certificates) -> None:
+    """The fuzzer's fixed JSON cases (tests/fuzzing.py) through the HTTPS edge: the same rules as in plaintext."""
+    cases = [case for case in fz.fixed_http_cases() if case.raw is None]
+    broken = []
+    with httpx.Client(verify=certificates.path("ca.pem"), timeout=fz.TIME_BOUND_S) as http:
+        for case in cases:
+            outcome = fz.send_http(http, f"https://127.0.0.1:{secure.ports.http}", case)
+            if outcome.violations:
+                broken.append(f"{case.description}: {outcome.violations}")
+    assert len(cases) > 50 and not broken, broken
