@@ -29,7 +29,7 @@ from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server import tls
 from chatwire_server.edge import envoy_tls, stack
 from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
-from conftest import CONFORMANCE, MODEL, NO_END_BIAS, Stack, assert_valid, parse_sse, run_stack
+from conftest import CONFORMANCE, MODEL, NO_END_BIAS, Stack, assert_valid, make_run, parse_sse, run_stack
 from test_readme import TLS_EXAMPLES
 
 pytestmark = pytest.mark.tls
@@ -308,3 +308,27 @@ def test_the_fixed_fuzz_cases_hold_over_https(secure: Stack, certificates: Certi
             if outcome.violations:
                 broken.append(f"{case.description}: {outcome.violations}")
     assert len(cases) > 50 and not broken, broken
+
+
+def test_make_run_with_the_readmes_tls_settings(certificates: Certificates, tmp_path: Path) -> None:
+    """The README's `make run` line for TLS (its certificate paths the test's): HTTPS at the edge, mutual TLS to
+    the replica and on the internal listener, and the printed addresses say so."""
+    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS")
+    ports = {name: stack.free_port() for name in names}
+    env = {
+        **stack.python_env(),
+        **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()},
+        "CHATWIRE_TLS_CERT_FILE": certificates.path("server.pem"),
+        "CHATWIRE_TLS_KEY_FILE": certificates.path("server-key.pem"),
+        **mutual_env(certificates),
+    }
+    log_path = tmp_path / "run.log"
+    with make_run(env, log_path):
+        printed = log_path.read_text()
+        assert f"https://127.0.0.1:{ports['HTTP']}/v1/chat/completions" in printed and "mutual TLS)" in printed
+        models = httpx.get(
+            f"https://127.0.0.1:{ports['HTTP']}/v1/models", verify=certificates.path("ca.pem"), timeout=10
+        )
+        assert models.status_code == 200
+        reply = grpc_call(f"127.0.0.1:{ports['GRPC_EDGE']}", credentials(certificates, "ca.pem", "client"))
+        assert reply.choices
