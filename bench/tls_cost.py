@@ -40,13 +40,18 @@ C16_ROUNDS = 3
 C16_TOKENS = 64
 
 
+def carries_token(line: str) -> bool:
+    """Whether an SSE line is a chunk with generated text (not the role chunk that opens a stream)."""
+    return '"content":"' in line and '"content":""' not in line
+
+
 def first_token_s(client: httpx.Client) -> float:
     body = {"model": MODEL, "messages": HI, "max_tokens": 4, "stream": True, "logit_bias": NO_END}
     started = time.perf_counter()
     first = None
     with client.stream("POST", "/v1/chat/completions", json=body) as reply:
         for line in reply.iter_lines():  # to the end, so the connection is reused
-            if first is None and '"content":"' in line and '"content":""' not in line:
+            if first is None and carries_token(line):
                 first = time.perf_counter() - started
     assert first is not None, "no token"
     return first
@@ -72,7 +77,7 @@ def c16_tokens_per_s(client: httpx.Client) -> float:
 
     def stream(_: int) -> int:
         with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-            return sum(1 for line in reply.iter_lines() if '"content":"' in line and '"content":""' not in line)
+            return sum(1 for line in reply.iter_lines() if carries_token(line))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:

@@ -165,6 +165,20 @@ def run_redis(log_path: Path) -> Iterator[Redis]:
         redis.stop()
 
 
+# The ports `make run` listens on, by their variables' names (CHATWIRE_<NAME>_PORT).
+MAKE_RUN_PORTS = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS")
+
+
+def free_ports(names: tuple[str, ...] = MAKE_RUN_PORTS) -> dict[str, int]:
+    """A free port for each name."""
+    return {name: stack.free_port() for name in names}
+
+
+def make_run_env(ports: dict[str, int], **settings: str) -> dict[str, str]:
+    """`make run`'s environment: each of `ports` as CHATWIRE_<NAME>_PORT, then `settings`."""
+    return {**stack.python_env(), **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()}, **settings}
+
+
 @contextlib.contextmanager
 def make_run(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[subprocess.Popen[bytes]]:
     """`make run` (`python -m chatwire_server.edge.stack`) with `env`, once it says it is up; stopped afterwards

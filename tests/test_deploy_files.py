@@ -101,18 +101,27 @@ def compose_merge(base: Any, overlay: Any, key: str = "") -> Any:
 COMPOSE_WITH_TLS = compose_merge(COMPOSE, COMPOSE_TLS)
 
 
+def tls_groups_set(settings: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The TLS groups `settings` set, checked: no unknown TLS setting, and every group all or none."""
+    assert {name for name in settings if name.startswith(TLS_PREFIXES)} <= {n for g in TLS_GROUPS for n in g}
+    groups = []
+    for group in TLS_GROUPS:
+        present = [name for name in group if settings.get(name)]
+        assert present in ([], list(group)), f"set all of {', '.join(group)} or none"
+        if present:
+            groups.append(group)
+    return groups
+
+
 def compose_tls_files(service: dict[str, Any]) -> dict[str, Path]:
     """Each TLS setting of a compose service, as the host file it names: every group all or none, each path in a
     read-only bind mount."""
     environment = service.get("environment", {})
     assert isinstance(environment, dict)
-    assert {name for name in environment if name.startswith(TLS_PREFIXES)} <= {n for g in TLS_GROUPS for n in g}
     mounts = {volume["target"]: volume for volume in service.get("volumes", [])}
     files = {}
-    for group in TLS_GROUPS:
-        present = [name for name in group if environment.get(name)]
-        assert present in ([], list(group)), f"set all of {', '.join(group)} or none"
-        for name in present:
+    for group in tls_groups_set(environment):
+        for name in group:
             path = PurePosixPath(environment[name])
             [target] = [t for t in mounts if path.is_relative_to(t)] or [None]
             assert target is not None, f"{name}: {path} is in no mounted volume"
@@ -377,14 +386,12 @@ def tls_secrets(deployment: dict[str, Any]) -> dict[str, str]:
     never sees a renewal), and a group's files from one Secret."""
     pod = deployment["spec"]["template"]["spec"]
     settings = pod_settings(deployment)
-    assert {name for name in settings if name.startswith(TLS_PREFIXES)} <= set(SECRET_KEYS)
+    assert set(SECRET_KEYS) == {n for g in TLS_GROUPS for n in g}
     volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     mounts = {mount["mountPath"]: mount for mount in pod["containers"][0].get("volumeMounts", [])}
     secrets = {}
-    for group in TLS_GROUPS:
-        present = [name for name in group if settings.get(name)]
-        assert present in ([], list(group)), f"set all of {', '.join(group)} or none"
-        for name in present:
+    for group in tls_groups_set(settings):
+        for name in group:
             path = PurePosixPath(settings[name])
             mount = mounts.get(str(path.parent))
             assert mount is not None, f"{name}: {path} is not a file of a mounted volume"
@@ -393,7 +400,7 @@ def tls_secrets(deployment: dict[str, Any]) -> dict[str, str]:
             assert secret is not None and "items" not in secret, f"{name}: not a whole Secret"
             assert path.name == SECRET_KEYS[name], f"{name}: {path.name} is not the Secret's {SECRET_KEYS[name]}"
             secrets[name] = secret["secretName"]
-        assert len({secrets[name] for name in present}) <= 1, f"{group}: from more than one Secret"
+        assert len({secrets[name] for name in group}) == 1, f"{group}: from more than one Secret"
     return secrets
 
 

@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import http1
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc, models_pb2
 from chatwire_server.edge import stack
-from conftest import EDGE_REPLY_HEADERS, MODEL, Stack, assert_valid, parse_sse, run_envoy
+from conftest import EDGE_REPLY_HEADERS, MODEL, Stack, assert_valid, free_ports, make_run_env, parse_sse, run_envoy
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
@@ -614,9 +614,8 @@ def child_running(launcher: int, name: str, other_than: int = 0, timeout: float 
 
 
 def test_make_run_restarts_what_dies_and_stops_cleanly(tmp_path: Path) -> None:
-    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS")
-    ports = {name: stack.free_port() for name in names}
-    env = {**stack.python_env(), **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()}}
+    ports = free_ports()
+    env = make_run_env(ports)
     models = f"http://127.0.0.1:{ports['HTTP']}/v1/models"
     log_path = tmp_path / "stack.log"
     with log_path.open("wb") as log:

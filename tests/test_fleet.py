@@ -26,7 +26,19 @@ from chatwire_server.edge import stack
 from chatwire_server.errors import RateLimitError, ServiceUnavailableError
 from chatwire_server.limits import Limiter, Limits, Reservation
 from chatwire_server.limits.shared import RedisBuckets
-from conftest import MODEL, NO_END_BIAS, Redis, Stack, make_run, metric, run_redis, run_stack, small_replicas
+from conftest import (
+    MODEL,
+    NO_END_BIAS,
+    Redis,
+    Stack,
+    free_ports,
+    make_run,
+    make_run_env,
+    metric,
+    run_redis,
+    run_stack,
+    small_replicas,
+)
 
 pytestmark = pytest.mark.scaleout
 
@@ -226,17 +238,10 @@ def test_a_store_that_cannot_be_reached_fails_fast_open_or_closed() -> None:
 def test_make_run_with_replicas_and_a_limit_starts_its_own_store_and_stops_it(tmp_path: Path) -> None:
     """`CHATWIRE_REPLICAS=2 make run` with a rate limit and no store named: a redis-server on loopback, shared by
     both replicas, stopped with the stack."""
-    names = ("HTTP", "GRPC_EDGE", "ADMIN", "REDIS")
-    ports = {name: stack.free_port() for name in names}
+    ports = free_ports(("HTTP", "GRPC_EDGE", "ADMIN", "REDIS"))
     # Replica i listens on the gRPC and metrics ports + i.
     ports |= {"GRPC": stack.free_ports_in_a_row(2), "METRICS": stack.free_ports_in_a_row(2)}
-    env = {
-        **stack.python_env(),
-        **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()},
-        "CHATWIRE_REPLICAS": "2",
-        "CHATWIRE_API_KEYS": "sk-run",
-        "CHATWIRE_RATE_LIMIT_RPM": "2",
-    }
+    env = make_run_env(ports, CHATWIRE_REPLICAS="2", CHATWIRE_API_KEYS="sk-run", CHATWIRE_RATE_LIMIT_RPM="2")
     env.pop("CHATWIRE_REDIS_URL", None)
     log_path = tmp_path / "run.log"
     with make_run(env, log_path) as launcher:

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server.edge import stack
-from conftest import MODEL, engine_workers, make_run, run_stack
+from conftest import MODEL, engine_workers, free_ports, make_run, make_run_env, run_stack
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits() -> None:
@@ -82,27 +82,17 @@ def test_server_refuses_to_start_with_a_broken_config(tmp_path: Path, entry: str
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_make_run_launcher_serves_then_stops_both_processes(tmp_path: Path, stop_signal: signal.Signals) -> None:
     """`make run` is `python -m chatwire_server.edge.stack`: it serves on the configured ports and cleans up."""
-    ports = stack.Ports(
-        http=stack.free_port(), grpc=stack.free_port(), admin=stack.free_port(), metrics=stack.free_port()
-    )
-    env = {
-        **stack.python_env(),
-        "CHATWIRE_HTTP_PORT": str(ports.http),
-        "CHATWIRE_GRPC_PORT": str(ports.grpc),
-        "CHATWIRE_GRPC_EDGE_PORT": str(stack.free_port()),
-        "CHATWIRE_ADMIN_PORT": str(ports.admin),
-        "CHATWIRE_METRICS_PORT": str(ports.metrics),
-    }
+    ports = free_ports()
     log_path = tmp_path / "run.log"
-    with make_run(env, log_path, timeout=60) as launcher:
-        reply = httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=10)
+    with make_run(make_run_env(ports), log_path, timeout=60) as launcher:
+        reply = httpx.get(f"http://127.0.0.1:{ports['HTTP']}/v1/models", timeout=10)
         assert reply.status_code == 200 and reply.json()["data"][0]["id"] == MODEL
         launcher.send_signal(stop_signal)
         launcher.wait(30)
     output = log_path.read_text()
     assert '"msg": "stopped"' in output  # the gRPC server drained and exited
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{ports.http}/v1/models", timeout=5)  # and Envoy is gone
+        httpx.get(f"http://127.0.0.1:{ports['HTTP']}/v1/models", timeout=5)  # and Envoy is gone
 
 
 def test_in_process_engine_serves_without_a_worker(request: pytest.FixtureRequest, tmp_path: Path) -> None:

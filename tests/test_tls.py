@@ -29,7 +29,18 @@ from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
 from chatwire_server import tls
 from chatwire_server.edge import envoy_tls, stack
 from chatwire_server.edge.certs import CLIENT_SPIFFE_ID, Authority
-from conftest import CONFORMANCE, MODEL, NO_END_BIAS, Stack, assert_valid, make_run, parse_sse, run_stack
+from conftest import (
+    CONFORMANCE,
+    MODEL,
+    NO_END_BIAS,
+    Stack,
+    assert_valid,
+    free_ports,
+    make_run,
+    make_run_env,
+    parse_sse,
+    run_stack,
+)
 from test_readme import TLS_EXAMPLES
 
 pytestmark = pytest.mark.tls
@@ -313,15 +324,13 @@ def test_the_fixed_fuzz_cases_hold_over_https(secure: Stack, certificates: Certi
 def test_make_run_with_the_readmes_tls_settings(certificates: Certificates, tmp_path: Path) -> None:
     """The README's `make run` line for TLS (its certificate paths the test's): HTTPS at the edge, mutual TLS to
     the replica and on the internal listener, and the printed addresses say so."""
-    names = ("HTTP", "GRPC", "GRPC_EDGE", "ADMIN", "METRICS")
-    ports = {name: stack.free_port() for name in names}
-    env = {
-        **stack.python_env(),
-        **{f"CHATWIRE_{name}_PORT": str(port) for name, port in ports.items()},
-        "CHATWIRE_TLS_CERT_FILE": certificates.path("server.pem"),
-        "CHATWIRE_TLS_KEY_FILE": certificates.path("server-key.pem"),
+    ports = free_ports()
+    env = make_run_env(
+        ports,
+        CHATWIRE_TLS_CERT_FILE=certificates.path("server.pem"),
+        CHATWIRE_TLS_KEY_FILE=certificates.path("server-key.pem"),
         **mutual_env(certificates),
-    }
+    )
     log_path = tmp_path / "run.log"
     with make_run(env, log_path):
         printed = log_path.read_text()

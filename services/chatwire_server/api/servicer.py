@@ -167,9 +167,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             async for event in events:
                 if isinstance(event, TextDelta):
                     admission.produced()
-                if waiting_for_first and isinstance(event, TextDelta):
-                    metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
-                    waiting_for_first = False
+                    if waiting_for_first:
+                        metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
+                        waiting_for_first = False
                 elif isinstance(event, Finished):
                     finished.append(event)
                 yield event
@@ -232,9 +232,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
                             continue
                 if _has_output(chunk):
                     rpc.ADMISSION.get().produced()
-                if waiting_for_first and _has_output(chunk):
-                    metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
-                    waiting_for_first = False
+                    if waiting_for_first:
+                        metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
+                        waiting_for_first = False
                 yield relayed.relayed_chunk_to_proto(chunk, request.model)
         if usage:
             self._count_tokens(request.model, *relayed.relayed_usage(usage))

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatwire_server.cpus import usable_cpus
 from chatwire_server.edge import envoy_tls
+from chatwire_server.limits import Limits
 from chatwire_server.tls import Mutual
 
 REPO = Path(__file__).resolve().parents[3]
@@ -222,10 +223,10 @@ def wait_for_redis(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise TimeoutError(f"redis-server on port {port} not answering after {timeout:.0f}s")
 
 
-def wants_local_store(replicas: int, environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def wants_local_store(replicas: int, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether `make run` starts a redis-server of its own: several replicas, a rate limit set, and no store
     named (one replica keeps its budgets in process and starts nothing more)."""
-    limited = any(int(environ.get(name, "0") or 0) for name in ("CHATWIRE_RATE_LIMIT_RPM", "CHATWIRE_RATE_LIMIT_TPM"))
+    limited = Limits.from_environment(environ).enabled
     return replicas > 1 and limited and not environ.get("CHATWIRE_REDIS_URL")
 
 

@@ -84,8 +84,9 @@ class Buckets(Protocol):
     """Where the buckets live. Both calls are atomic per key."""
 
     async def take(self, key: str, limits: Limits, tokens: int) -> Verdict:
-        """Take one request and reserve `tokens` if the key's buckets allow (a reservation larger than the whole
-        minute's budget is admitted only when the bucket is full, so it waits but is never refused forever)."""
+        """Take one request and reserve `tokens` if the key's buckets hold them. `tokens` is at most a minute's
+        budget (`Limits.reservation` caps it), so a large request waits for a full bucket but is never refused
+        forever."""
         ...
 
     async def give_back(self, key: str, limits: Limits, tokens: int, requests: int = 0) -> None:

@@ -36,12 +36,12 @@ class LocalBuckets:
         with self._lock:
             now = time.monotonic()
             buckets = {kind: self._bucket(key, kind, limits, now) for kind in KINDS if limits.of(kind)}
-            needed = {"requests": 1.0, "tokens": float(min(tokens, limits.tokens_per_minute))}
-            refused = next((kind for kind, b in buckets.items() if b.level < needed[kind]), None)
-            wait = buckets[refused].seconds_until(needed[refused]) if refused else 0.0
+            costs = {"requests": 1.0, "tokens": float(tokens)}
+            refused = next((kind for kind, b in buckets.items() if b.level < costs[kind]), None)
+            wait = buckets[refused].seconds_until(costs[refused]) if refused else 0.0
             if refused is None:
                 for kind, bucket in buckets.items():
-                    bucket.level -= 1.0 if kind == "requests" else float(tokens)
+                    bucket.level -= costs[kind]
             levels = {kind: (b.level, b.seconds_until(b.capacity)) for kind, b in buckets.items()}
             return Verdict(refused, wait, levels)
 

@@ -30,8 +30,8 @@ class StoreError(Exception):
 
 
 # KEYS: the requests and tokens buckets. ARGV: requests per minute, tokens per minute (0: unlimited), tokens to
-# reserve. Refills both buckets to now, admits when there is one request and min(reserve, capacity) tokens (a
-# reservation above the whole budget waits for a full bucket rather than never passing), then charges both.
+# reserve (at most the tokens per minute). Refills both buckets to now, admits when they hold one request and the
+# reservation, then charges both.
 # Returns the refused kind (or ""), the wait, and each bucket's level and seconds until full, as strings.
 _TAKE = """
 local now = redis.call('TIME')
@@ -50,17 +50,17 @@ for i = 1, 2 do
     end
   end
 end
-local needed = {1, math.min(reserve, caps[2])}
+local costs = {1, reserve}
 local refused, wait = '', 0
 for i, kind in ipairs({'requests', 'tokens'}) do
-  if caps[i] > 0 and refused == '' and levels[i] < needed[i] then
-    refused, wait = kind, (needed[i] - levels[i]) * 60 / caps[i]
+  if caps[i] > 0 and refused == '' and levels[i] < costs[i] then
+    refused, wait = kind, (costs[i] - levels[i]) * 60 / caps[i]
   end
 end
 local reply = {refused, tostring(wait)}
-for i, cost in ipairs({1, reserve}) do
+for i = 1, 2 do
   if caps[i] > 0 then
-    if refused == '' then levels[i] = levels[i] - cost end
+    if refused == '' then levels[i] = levels[i] - costs[i] end
     local to_full = (caps[i] - levels[i]) * 60 / caps[i]
     redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'at', tostring(now))
     redis.call('PEXPIRE', KEYS[i], math.ceil(to_full * 1000) + 1000)
