@@ -81,6 +81,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """When an engine did what for one request, in nanoseconds since the epoch (`time.time_ns()`, so that a
+    worker process's times line up with the server's): the spans of a trace (see `tracing`)."""
+
+    # Queued by the engine; admitted to the batch (the prompt's evaluation begins); prompt evaluated and the first
+    # token sampled; this choice's last token.
+    queued: int
+    scheduled: int
+    prefilled: int
+    finished: int
+    # The prompt's evaluation, step by step: (start, end, prompt tokens evaluated in that step).
+    prefill_steps: tuple[tuple[int, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class Finished:
     """The end of one choice, with its exact token counts."""
 
@@ -90,6 +105,8 @@ class Finished:
     completion_tokens: int
     # Prompt tokens whose KV cells were reused from an earlier request.
     cached_tokens: int = 0
+    # Where the time went, from engines that know (for traces).
+    timings: Timings | None = None
 
 
 EngineEvent = TextDelta | Finished

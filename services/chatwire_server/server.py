@@ -16,10 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatwire.v1 import chat_service_pb2, chat_service_pb2_grpc
-from chatwire_server import logs, metrics
+from chatwire_server import logs, metrics, tracing
 from chatwire_server.api import rpc
 from chatwire_server.api.auth import Authenticator
 from chatwire_server.api.servicer import ChatServicer
+from chatwire_server.edge import envoy_tracing
 from chatwire_server.limits import Limiter
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.tls import Mutual
@@ -62,6 +63,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
     server = grpc.aio.server(options=GRPC_OPTIONS)
     limiter = Limiter.from_environment()
     await limiter.open()
+    traced = tracing.configure()
     # Replicas tell callers (and the edge's access log) which of them answered: a pod's name in Kubernetes.
     replica = os.environ.get("CHATWIRE_REPLICA") or default_replica_name(port)
     servicer = ChatServicer(registry, authenticator, limiter, replica=replica)
@@ -97,6 +99,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
             "models": [e.id for e in registry.all()],
             "rate_limits": limiter.where,
             "transport": "mutual TLS" if mutual else "plaintext",
+            "tracing": envoy_tracing.protocol() if traced else "off",
         },
     )
 
@@ -115,6 +118,7 @@ async def serve(host: str, port: int, config: Path, metrics_host: str = "127.0.0
         await probes.stop(0)
     await registry.close()
     await limiter.close()
+    await asyncio.to_thread(tracing.shutdown)
     log.info("stopped")
 
 

@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chatwire.v1 import chat_completion_pb2 as pb
-from chatwire_server import metrics, tls
+from chatwire_server import metrics, tls, tracing
 from chatwire_server.errors import (
     ERROR_METADATA_KEY,
     TRY_ANOTHER_REPLICA,
@@ -150,7 +150,8 @@ def _classify(exc: Exception, record: dict[str, Any]) -> ChatwireError:
 
 @contextlib.contextmanager
 def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) -> Iterator[dict[str, Any]]:
-    """One log line and the request metrics per RPC, with the edge's request id, outcome and duration."""
+    """One log line, the request metrics and a trace span per RPC, with the edge's request id (and the trace's),
+    outcome and duration."""
     metadata = dict(context.invocation_metadata() or ())
     record: dict[str, Any] = {"method": method, "request_id": metadata.get("x-request-id", ""), "status": "OK"}
     if model:
@@ -159,10 +160,12 @@ def _request_record(method: str, model: str, context: grpc.aio.ServicerContext) 
         record["peer"] = peer
     started = time.monotonic()
     try:
-        yield record
-    except asyncio.CancelledError:
-        record["status"] = "CANCELLED"
-        raise
+        with tracing.rpc_span(method, metadata, record):
+            try:
+                yield record
+            except asyncio.CancelledError:
+                record["status"] = "CANCELLED"
+                raise
     finally:
         duration = time.monotonic() - started
         record["duration_ms"] = round(duration * 1000, 1)
@@ -176,7 +179,8 @@ async def _admitted(
     service: Service, context: grpc.aio.ServicerContext, request: Any, record: dict[str, Any]
 ) -> AsyncGenerator[Admission, None]:
     """The call admitted by its key and budgets, for the handler's duration; settled when it ends, however."""
-    admission = await service.admit(context, request)
+    with tracing.span("admission"):
+        admission = await service.admit(context, request)
     record["key"] = admission.key
     ADMISSION.set(admission)
     try:

@@ -14,11 +14,11 @@ import grpc
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc, models_pb2
-from chatwire_server import metrics
+from chatwire_server import metrics, tracing
 from chatwire_server.api import convert, relayed, rpc
 from chatwire_server.api.auth import Authenticator
 from chatwire_server.domain import ChatRequest, EngineEvent, Finished, TextDelta, TokenLogprob
-from chatwire_server.engines.base import RelayEngine
+from chatwire_server.engines.base import NO_HEADERS, RelayEngine
 from chatwire_server.limits import Admission, Limiter, Limits, Reservation
 from chatwire_server.registry import ModelRegistry
 from chatwire_server.structured import ReplyParser
@@ -68,10 +68,11 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         if relay := self._relay_for(request):
             return await self._relay_completion(relay, request)
         chat = await _validated(request)
+        completion_id = _completion_id()
         texts: list[list[str]] = [[] for _ in range(chat.n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(chat.n)]
         finished: list[Finished] = []
-        async with aclosing(self._generate(chat)) as events:
+        async with aclosing(self._generate(chat, completion_id)) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
                     texts[event.index].append(event.text)
@@ -89,7 +90,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             else:
                 choices.append(convert.choice_to_proto(text, choice_logprobs, f))
         return pb.CreateChatCompletionResponse(
-            id=_completion_id(),
+            id=completion_id,
             object="chat.completion",
             created=int(time.time()),
             model=chat.model,
@@ -125,7 +126,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         finished: list[Finished] = []
         # Closing the engine's stream, also when the client goes away, stops generation. Errors the engine
         # finds before generating (context length, a full queue) come before any chunk: a plain HTTP error.
-        async with aclosing(self._generate(chat)) as events:
+        async with aclosing(self._generate(chat, completion_id)) as events:
             started = False
             async for event in events:
                 if not started:
@@ -155,24 +156,31 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         if rpc.wants_sse(context):
             yield rpc.SSE_DONE_SENTINEL
 
-    async def _generate(self, chat: ChatRequest) -> AsyncGenerator[EngineEvent, None]:
-        """The engine's events for `chat`, with time to first token and token counts recorded."""
+    async def _generate(self, chat: ChatRequest, completion_id: str) -> AsyncGenerator[EngineEvent, None]:
+        """The engine's events for `chat`, with time to first token and token counts recorded (and traced)."""
         engine = self._registry.get(chat.model).engine
         assert not isinstance(engine, RelayEngine), "relayed models take the _relay_* path"
         started = time.monotonic()
         waiting_for_first = True
         finished: list[Finished] = []
         admission = rpc.ADMISSION.get()
-        async with aclosing(engine.generate(chat)) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    admission.produced()
-                    if waiting_for_first:
-                        metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
-                        waiting_for_first = False
-                elif isinstance(event, Finished):
-                    finished.append(event)
-                yield event
+        with tracing.generation(chat) as traced:
+            if traced:
+                traced.response(completion_id, chat.model)
+            async with aclosing(engine.generate(chat)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        admission.produced()
+                        if waiting_for_first:
+                            metrics.FIRST_TOKEN_SECONDS.labels(chat.model).observe(time.monotonic() - started)
+                            waiting_for_first = False
+                        if traced:
+                            traced.delta(event)
+                    elif isinstance(event, Finished):
+                        finished.append(event)
+                        if traced:
+                            traced.finished(event)
+                    yield event
         if finished:
             self._count_tokens(
                 chat.model,
@@ -199,13 +207,17 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def _relay_body(self, request: pb.CreateChatCompletionRequest) -> dict[str, Any]:
         """The request as the OpenAI JSON to pass on, checked against what its model reads."""
         inputs = self._registry.get(request.model).inputs
-        return await asyncio.to_thread(convert.relay_request_from_proto, request, inputs)
+        with tracing.span("validate"):
+            return await asyncio.to_thread(convert.relay_request_from_proto, request, inputs)
 
     async def _relay_completion(
         self, relay: RelayEngine, request: pb.CreateChatCompletionRequest
     ) -> pb.CreateChatCompletionResponse:
         body = await self._relay_body(request)
-        reply = await relay.complete(body)
+        with tracing.relayed_generation(request.model, body) as traced:
+            reply = await relay.complete(body, traced.headers() if traced else NO_HEADERS)
+            if traced:
+                tracing.relayed_reply(traced, reply)
         response = relayed.relayed_response_to_proto(reply, request.model)
         if reply.get("usage"):
             self._count_tokens(request.model, *relayed.relayed_usage(reply["usage"]))
@@ -222,20 +234,23 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         body = await self._relay_body(request)
         started, waiting_for_first = time.monotonic(), True
         usage = None
-        async with aclosing(relay.stream(body)) as chunks:
-            async for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                    if not request.stream_options.include_usage:
-                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                        if not chunk.get("choices"):
-                            continue
-                if _has_output(chunk):
-                    rpc.ADMISSION.get().produced()
-                    if waiting_for_first:
-                        metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
-                        waiting_for_first = False
-                yield relayed.relayed_chunk_to_proto(chunk, request.model)
+        with tracing.relayed_generation(request.model, body) as traced:
+            async with aclosing(relay.stream(body, traced.headers() if traced else NO_HEADERS)) as chunks:
+                async for chunk in chunks:
+                    if traced:
+                        tracing.relayed_reply(traced, chunk)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        if not request.stream_options.include_usage:
+                            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                            if not chunk.get("choices"):
+                                continue
+                    if _has_output(chunk):
+                        rpc.ADMISSION.get().produced()
+                        if waiting_for_first:
+                            metrics.FIRST_TOKEN_SECONDS.labels(request.model).observe(time.monotonic() - started)
+                            waiting_for_first = False
+                    yield relayed.relayed_chunk_to_proto(chunk, request.model)
         if usage:
             self._count_tokens(request.model, *relayed.relayed_usage(usage))
         if rpc.wants_sse(context):
@@ -265,9 +280,10 @@ async def _validated(request: pb.CreateChatCompletionRequest) -> ChatRequest:
     """The request checked and converted; a large one (many messages, a big schema to compile) off the event
     loop, so that it does not hold up the streams of everyone else."""
     schemas = request.HasField("response_format") or len(request.tools) > 0  # grammars to compile
-    if request.ByteSize() <= INLINE_VALIDATION_BYTES and not schemas:
-        return convert.chat_request_from_proto(request)
-    return await asyncio.to_thread(convert.chat_request_from_proto, request)
+    with tracing.span("validate"):
+        if request.ByteSize() <= INLINE_VALIDATION_BYTES and not schemas:
+            return convert.chat_request_from_proto(request)
+        return await asyncio.to_thread(convert.chat_request_from_proto, request)
 
 
 def _has_output(chunk: dict[str, Any]) -> bool:

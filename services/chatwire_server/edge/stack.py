@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatwire_server.cpus import usable_cpus
-from chatwire_server.edge import envoy_tls
+from chatwire_server.edge import envoy_tls, envoy_tracing
 from chatwire_server.limits import Limits
 from chatwire_server.tls import Mutual
 
@@ -143,6 +143,7 @@ def render_envoy_config(
         CHATWIRE_GRPC_ENDPOINTS=f"[{endpoints}]",
         CHATWIRE_DESCRIPTOR=DESCRIPTOR,
         **envoy_tls.transport_sockets(sds_dir or REPO / "build" / "run" / "sds", {**os.environ, **overrides}),
+        **envoy_tracing.placeholders({**os.environ, **overrides}),
         **settings,
     )
 

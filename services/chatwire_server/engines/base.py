@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from chatwire_server.domain import ChatRequest, EngineEvent
@@ -41,6 +42,9 @@ class Engine(Protocol):
         ...
 
 
+# No extra headers for a relayed request (see `RelayEngine`).
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
 # What an engine's own thread hands over after each step: (tag, event) pairs of every request with news, where
 # an exception fails the tagged request and None follows its last event.
 StepEvents = Sequence[tuple[Hashable, EngineEvent | BaseException | None]]
@@ -67,13 +71,16 @@ class RelayEngine(Protocol):
     and gives OpenAI JSON, not `ChatRequest`s: every field and content part the other server reads must reach it,
     and its replies (tool calls, logprobs, refusals) come back as it wrote them."""
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion of `body`."""
+    async def complete(self, body: dict[str, Any], headers: Mapping[str, str] = NO_HEADERS) -> dict[str, Any]:
+        """The whole completion of `body`. `headers` go with the request to the other server: the caller's trace
+        context (W3C `traceparent`), so that a server that traces continues the same trace."""
         ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """The chunks of `body`'s completion as they come, the last one with usage. Closing the generator early
-        must stop the other server's generation."""
+    def stream(
+        self, body: dict[str, Any], headers: Mapping[str, str] = NO_HEADERS
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The chunks of `body`'s completion as they come, the last one with usage (`headers` as in `complete`).
+        Closing the generator early must stop the other server's generation."""
         ...
 
     def stats(self) -> dict[str, int]:

@@ -43,6 +43,7 @@ from chatwire_server.domain import (
     Finished,
     SamplingParams,
     TextDelta,
+    Timings,
     TokenLogprob,
 )
 from chatwire_server.engines.base import StepEvents
@@ -144,6 +145,11 @@ class _Job:
     # Choices finished; the job's events end with the n-th `Finished` or an exception.
     finished: int = 0
     ended: bool = False
+    # For traces (`Timings`): when it was queued, admitted, and its prompt's evaluation step by step.
+    queued_ns: int = field(default_factory=time.time_ns)
+    scheduled_ns: int = 0
+    prefilled_ns: int = 0
+    prefill_steps: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -516,6 +522,7 @@ class LlamaCppEngine:
             room = min(self._settings.prefill_chunk, self._batch_capacity - n)
         # Shortest remaining prompt first: a short request that arrives while a long prompt is evaluated gets its
         # first token at the next step, instead of after the whole long prompt (thousands of tokens of tools).
+        prefilled: list[tuple[_Job, int]] = []  # prompts evaluated in this step, and how many of their tokens
         for job in sorted(self._prefilling, key=lambda j: len(j.prompt) - j.prefill_pos):
             if room <= 0:
                 break
@@ -525,6 +532,7 @@ class LlamaCppEngine:
             for pos in range(job.prefill_pos, end):
                 n = self._add_token(n, job.prompt[pos], pos, job.seq_ids[0], logits=pos == len(job.prompt) - 1)
             room -= end - job.prefill_pos
+            prefilled.append((job, end - job.prefill_pos))
             job.prefill_pos = end
             if end == len(job.prompt):
                 rows.append((job, n - 1))
@@ -538,12 +546,16 @@ class LlamaCppEngine:
         if threads != self._threads_set:
             llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
             self._threads_set = threads
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         status = llama_cpp.llama_decode(self._ctx, self._batch)
         self._tuner.record(comparable, time.perf_counter() - started)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         self._tokens_evaluated += n
+        if prefilled:
+            ended_ns = time.time_ns()
+            for job, tokens in prefilled:
+                job.prefill_steps.append((started_ns, ended_ns, tokens))
         for owner, row in rows:
             if isinstance(owner, _Job):
                 self._start_decoding(owner, row)
@@ -603,6 +615,7 @@ class LlamaCppEngine:
                 if in_flight and self._live_cells(in_flight) + len(job.prompt) > self._cell_capacity():
                     return
                 self._queue.popleft()
+            job.scheduled_ns = time.time_ns()
             self._assign_sequences(job)
             while self._cells_in_use() + len(job.prompt) > self._cell_capacity() and self._prefix_cache:
                 self._evict_oldest_prefix()
@@ -679,6 +692,7 @@ class LlamaCppEngine:
     def _start_decoding(self, job: _Job, row: int) -> None:
         """The job's prompt is in the cache: share it with its other sequences and sample every first token."""
         self._prefilling.remove(job)
+        job.prefilled_ns = time.time_ns()
         first = job.seq_ids[0]
         for seq_id in job.seq_ids[1:]:
             llama_cpp.llama_memory_seq_cp(self._memory, first, seq_id, -1, -1)
@@ -786,6 +800,13 @@ class LlamaCppEngine:
                 prompt_tokens=len(job.prompt),
                 completion_tokens=seq.generated,
                 cached_tokens=job.cached_tokens,
+                timings=Timings(
+                    job.queued_ns,
+                    job.scheduled_ns,
+                    job.prefilled_ns,
+                    time.time_ns(),
+                    tuple(job.prefill_steps),
+                ),
             ),
         )
         llama_cpp.llama_sampler_free(seq.sampler)

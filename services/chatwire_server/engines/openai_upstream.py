@@ -21,13 +21,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from chatwire_server.engines.base import IDLE_STATS
+from chatwire_server.engines.base import IDLE_STATS, NO_HEADERS
 from chatwire_server.errors import ChatwireError, InvalidRequestError, RateLimitError, UpstreamError, quote
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,11 @@ class OpenAIUpstreamEngine:
             max_connections=int(settings.get("max_connections", 256)),
         )
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any], headers: Mapping[str, str] = NO_HEADERS) -> dict[str, Any]:
         """The upstream's whole completion for `body` (OpenAI JSON), as OpenAI JSON."""
         upstream_body = {**body, "model": self._model, "stream": False}
         upstream_body.pop("stream_options", None)  # OpenAI refuses it without `stream`
-        async with self._open(upstream_body) as response:
+        async with self._open(upstream_body, headers) as response:
             try:
                 reply = json.loads(await _read_at_most(response, MAX_REPLY_BODY))
             except httpx.TimeoutException as exc:
@@ -131,14 +131,16 @@ class OpenAIUpstreamEngine:
             raise UpstreamError("The upstream server's reply is not a chat completion.")
         return reply
 
-    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream(
+        self, body: dict[str, Any], headers: Mapping[str, str] = NO_HEADERS
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The upstream's chunks for `body`, each as it arrives. Usage is always asked for (the last chunk,
         with no choices): chatwire counts tokens for its limits and metrics. Closing the generator closes the
         upstream request, which stops its generation."""
         options = {**body.get("stream_options", {}), "include_usage": True}
         upstream_body = {**body, "model": self._model, "stream": True, "stream_options": options}
         unfinished = set(range(int(body.get("n", 1))))
-        async with self._open(upstream_body) as response:
+        async with self._open(upstream_body, headers) as response:
             try:
                 async with contextlib.aclosing(_sse_data(response)) as events:
                     async for data in events:
@@ -174,14 +176,15 @@ class OpenAIUpstreamEngine:
         return upstream.client
 
     @contextlib.asynccontextmanager
-    async def _open(self, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-        """A streaming response with status 200 from the first upstream that accepts `body`."""
+    async def _open(self, body: dict[str, Any], headers: Mapping[str, str]) -> AsyncIterator[httpx.Response]:
+        """A streaming response with status 200 from the first upstream that accepts `body` (sent with
+        `headers`, the trace context, on top of the engine's own)."""
         # What to report if every upstream fails: one that answered says more than one that could not be reached.
         answered: ChatwireError | None = None
         busy = False
         for upstream in self._candidates():
             client = self._client(upstream)
-            request = client.build_request("POST", f"{upstream.url}/chat/completions", json=body)
+            request = client.build_request("POST", f"{upstream.url}/chat/completions", json=body, headers=headers)
             upstream.in_flight += 1
             try:
                 try:
