@@ -229,6 +229,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _affinity(results)
     lines += _first_waves(results)
     lines += _tls(results)
+    lines += _tracing(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
@@ -336,6 +337,44 @@ def _tls(results: dict[str, Any]) -> list[str]:
         f"TLS adds {tls['ttft_p50_ms'] - plain['ttft_p50_ms']:+.2f} ms at the first token, "
         f"{tls['new_connection_p50_ms'] - plain['new_connection_p50_ms']:+.2f} ms per new connection, and changes "
         f"c16 throughput by {100 * (tls['c16_tokens_per_s'] / plain['c16_tokens_per_s'] - 1):+.1f}%.",
+        "",
+    ]
+
+
+def _tracing(results: dict[str, Any]) -> list[str]:
+    """OpenTelemetry traces at 100 % sampling against tracing off (bench/tracing_cost.py), with issue 25's goals."""
+    run = results.get("tracing")
+    if not run:
+        return []
+    off, on = run["modes"]["off"], run["modes"]["on"]
+    rows = [
+        f"| {name} | {m['models_p50_ms']:.2f} | {m['ttft_p50_ms']:.2f} | {m['one_token_p50_ms']:.2f} | "
+        f"{m['c16_tokens_per_s']:.1f} |"
+        for name, m in (("off", off), ("on, 100 % sampled", on))
+    ]
+    edge = on["models_p50_ms"] - off["models_p50_ms"]
+    first = on["ttft_p50_ms"] - off["ttft_p50_ms"]
+    c16 = run["c16_ratio_median"] - 1
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    return [
+        "## Tracing",
+        "",
+        f"One replica behind the edge, tracing off against OpenTelemetry traces from the edge and the server at 100 % "
+        f"sampling (OTLP/gRPC to a receiver in the benchmark's process), two stacks measured in turns "
+        f"({run['rounds']} rounds; c16: {run['c16_rounds']} rounds of 16 streams of {run['c16_tokens']} tokens; "
+        f"{run['spans_received']} spans received), {run['date']}, {run['cpu']}. `python bench/tracing_cost.py` (part "
+        "of `make bench`). `GET /v1/models`: a round trip through the edge and the RPC without model work.",
+        "",
+        "| tracing | GET /v1/models p50 ms | TTFT p50 ms | 1-token request p50 ms | c16 tokens/s |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Goals: edge overhead under 0.5 ms: {edge:+.2f} ms per request, {first:+.2f} ms at the first token "
+        f"({met(edge < 0.5 and first < 0.5)}); c16 throughput within 2 %: {100 * c16:+.1f}%, the median of the "
+        f"rounds' on/off ratios ({met(c16 > -0.02)}).",
         "",
     ]
 

@@ -3,6 +3,7 @@ endpoint (`POST /v1/traces`, protobuf), decoding what Envoy and the servers expo
 
 Run alone, it prints each trace as a tree once its spans stop arriving (how the README's trace was made):
     PYTHONPATH=services:build/gen/python .venv/bin/python tests/otlp.py --grpc-port 4317 --http-port 4318
+With --count it only counts spans, printing the total each second (bench/tracing_cost.py's collector).
 """
 
 from __future__ import annotations
@@ -91,17 +92,26 @@ def decode(request: trace_service_pb2.ExportTraceServiceRequest, protocol: str) 
 
 @dataclass
 class Receiver:
-    """Collects every span exported to it; `delay_s` makes it a slow collector (each export waits that long)."""
+    """Collects every span exported to it; `delay_s` makes it a slow collector (each export waits that long);
+    `keep` false only counts them (a collector on another machine, for the benchmark: little work here)."""
 
     delay_s: float = 0.0
+    keep: bool = True
     spans: list[Span] = field(default_factory=list)
+    counted: int = 0
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
-    def add(self, spans: list[Span]) -> None:
+    def export(self, request: trace_service_pb2.ExportTraceServiceRequest, protocol: str) -> None:
         if self.delay_s:
             time.sleep(self.delay_s)
+        if not self.keep:
+            with self._lock:
+                self.counted += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            return
+        spans = decode(request, protocol)
         with self._lock:
             self.spans.extend(spans)
+            self.counted += len(spans)
             self._lock.notify_all()
 
     def clear(self) -> None:
@@ -137,7 +147,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.receiver = receiver
 
     def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.receiver.add(decode(request, "grpc"))
+        self.receiver.export(request, "grpc")
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -150,7 +160,7 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-            receiver.add(decode(request, "http/protobuf"))
+            receiver.export(request, "http/protobuf")
             reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")
@@ -229,17 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="print received OTLP traces as trees")
     parser.add_argument("--grpc-port", type=int, default=4317)
     parser.add_argument("--http-port", type=int, default=4318)
+    parser.add_argument("--count", action="store_true", help="only count the spans received")
     args = parser.parse_args()
-    receiver = Receiver()
-    Listening(receiver, args.grpc_port, args.http_port)
-    printed = 0
+    # Held here: a gRPC server that is garbage-collected stops serving.
+    listening = Listening(Receiver(keep=not args.count), args.grpc_port, args.http_port)
+    receiver, printed = listening.receiver, 0
     while True:
         time.sleep(1)
+        if args.count:
+            print(f"spans {receiver.counted}", flush=True)
+            continue
         spans = receiver.wait_for(lambda spans: False, timeout=0)
         if len(spans) > printed and time.time_ns() - max(s.end_ns for s in spans) > 2e9:
             print(tree(spans[printed:], details=True), flush=True)
             printed = len(spans)
-
 
 if __name__ == "__main__":
     main()

@@ -25,13 +25,14 @@ recorded unless OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true (GenAI i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,15 @@ def shutdown() -> None:
         _TRACING = None
 
 
+def _after_reply(finish: Callable[[], None]) -> None:
+    """Run `finish` (ending spans, at the times already taken) once the reply is on its way: on the event loop's
+    next turn, after gRPC has handed the reply to its transport, rather than in front of it."""
+    try:
+        asyncio.get_running_loop().call_soon(finish)
+    except RuntimeError:  # no event loop (a unit test): now
+        finish()
+
+
 def _error(span: Span, code: str, message: str) -> None:
     from opentelemetry.trace import Status, StatusCode
 
@@ -149,14 +159,19 @@ def rpc_span(method: str, metadata: Mapping[str, str], record: dict[str, Any]) -
     try:
         yield
     finally:
+        ended = time.time_ns()
         status = record.get("status", "OK")
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[status].value[0])
-        for name in ("key", "model", "peer"):
-            if name in record:
-                span.set_attribute(f"chatwire.{name}", record[name])
-        if record.get("error_code") or status not in ("OK", "CANCELLED"):
-            _error(span, record.get("error_code") or status, status)
-        span.end()
+        outcome = {f"chatwire.{name}": record[name] for name in ("key", "model", "peer") if name in record}
+        outcome["rpc.grpc.status_code"] = grpc.StatusCode[status].value[0]
+        error = record.get("error_code") or (status if status not in ("OK", "CANCELLED") else None)
+
+        def finish() -> None:
+            span.set_attributes(outcome)
+            if error:
+                _error(span, error, status)
+            span.end(ended)
+
+        _after_reply(finish)
 
 
 @contextlib.contextmanager
@@ -186,6 +201,8 @@ class Generation:
         self._span = span
         self._call = call
         self._capture = capture_content
+        # Set on the span in one go when it ends (each call to the SDK takes a lock).
+        self._attributes: dict[str, Any] = {}
         self._first_token_ns = 0
         self._texts: dict[int, list[str]] = {}
         self._reasons: dict[int, str] = {}
@@ -201,9 +218,9 @@ class Generation:
         return carrier
 
     def response(self, response_id: str, model: str | None = None) -> None:
-        self._span.set_attribute("gen_ai.response.id", response_id)
+        self._attributes["gen_ai.response.id"] = response_id
         if model:
-            self._span.set_attribute("gen_ai.response.model", model)
+            self._attributes["gen_ai.response.model"] = model
 
     def delta(self, event: TextDelta) -> None:
         """Generated text of one choice (the first marks the first token)."""
@@ -226,18 +243,21 @@ class Generation:
         self._reasons[index] = reason
 
     def usage(self, input_tokens: int, output_tokens: int, cached_tokens: int) -> None:
-        self._span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
-        self._span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
-        self._span.set_attribute("gen_ai.usage.cache_read.input_tokens", cached_tokens)
+        self._attributes["gen_ai.usage.input_tokens"] = input_tokens
+        self._attributes["gen_ai.usage.output_tokens"] = output_tokens
+        self._attributes["gen_ai.usage.cache_read.input_tokens"] = cached_tokens
 
     def _latency(self, name: str, at_ns: int) -> None:
-        self._span.set_attribute(f"gen_ai.latency.{name}", (at_ns - self._call.started_ns) / 1e9)
+        self._attributes[f"gen_ai.latency.{name}"] = (at_ns - self._call.started_ns) / 1e9
 
     def end(self, exc: BaseException | None) -> None:
         ended = time.time_ns()
+        _after_reply(lambda: self._finish(exc, ended))
+
+    def _finish(self, exc: BaseException | None, ended: int) -> None:
         if self._reasons:
             reasons = [self._reasons[i] for i in sorted(self._reasons)]
-            self._span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            self._attributes["gen_ai.response.finish_reasons"] = reasons
         if self._finished:
             first = self._finished[0]
             self.usage(first.prompt_tokens, sum(f.completion_tokens for f in self._finished), first.cached_tokens)
@@ -247,8 +267,9 @@ class Generation:
                 {"role": "assistant", "parts": [{"type": "text", "content": "".join(self._texts[i])}]}
                 for i in sorted(self._texts)
             ]
-            self._span.set_attribute("gen_ai.output.messages", json.dumps(output))
+            self._attributes["gen_ai.output.messages"] = json.dumps(output)
         self._latency("e2e", ended)
+        self._span.set_attributes(self._attributes)
         if exc is not None:
             _failed(self._span, exc)
         self._span.end(ended)
@@ -270,9 +291,9 @@ class Generation:
             prefill.add_event("prefill_step", attributes, timestamp=ended)
         prefill.end(first.prefilled)
         tracer.start_span("decode", parent, start_time=first.prefilled).end(last)
-        self._span.set_attribute("gen_ai.latency.time_in_queue", (first.scheduled - first.queued) / 1e9)
-        self._span.set_attribute("gen_ai.latency.time_in_model_prefill", (first.prefilled - first.scheduled) / 1e9)
-        self._span.set_attribute("gen_ai.latency.time_in_model_decode", (last - first.prefilled) / 1e9)
+        self._attributes["gen_ai.latency.time_in_queue"] = (first.scheduled - first.queued) / 1e9
+        self._attributes["gen_ai.latency.time_in_model_prefill"] = (first.prefilled - first.scheduled) / 1e9
+        self._attributes["gen_ai.latency.time_in_model_decode"] = (last - first.prefilled) / 1e9
 
 
 def _request_attributes(model: str, max_tokens: Any, temperature: Any, top_p: Any, seed: Any, n: Any) -> dict[str, Any]:
@@ -332,10 +353,10 @@ def _generation(model: str, attributes: Any, messages: Any, *, relayed: bool) ->
     from opentelemetry.trace import SpanKind
 
     kind = SpanKind.CLIENT if relayed else SpanKind.INTERNAL
-    span = _TRACING.tracer.start_span(f"chat {model}", call.context, kind=kind, attributes=attributes())
-    span.set_attribute("chatwire.relayed", relayed)
+    opening = {**attributes(), "chatwire.relayed": relayed}
     if _TRACING.capture_content:
-        span.set_attribute("gen_ai.input.messages", json.dumps(messages()))
+        opening["gen_ai.input.messages"] = json.dumps(messages())
+    span = _TRACING.tracer.start_span(f"chat {model}", call.context, kind=kind, attributes=opening)
     traced = Generation(span, call, _TRACING.capture_content)
     try:
         yield traced
