@@ -254,5 +254,6 @@ def main() -> None:
             print(tree(spans[printed:], details=True), flush=True)
             printed = len(spans)
 
+
 if __name__ == "__main__":
     main()

@@ -30,6 +30,8 @@ COMPOSE_SCHEMA = REPO / "build" / "compose_spec.json"
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 # TLS on: `docker compose -f docker-compose.yml -f docker-compose.tls.yml up`.
 COMPOSE_TLS = yaml.safe_load((REPO / "docker-compose.tls.yml").read_text())
+# Traces into Jaeger: `docker compose -f docker-compose.yml -f docker-compose.tracing.yml up`.
+COMPOSE_TRACING = yaml.safe_load((REPO / "docker-compose.tracing.yml").read_text())
 # The certificate settings, each group all or none (the edge's public listener; mutual TLS inside).
 TLS_GROUPS = (envoy_tls.EDGE_SETTINGS, tls.MUTUAL_SETTINGS)
 TLS_PREFIXES = ("CHATWIRE_TLS_", "CHATWIRE_MTLS_")
@@ -175,15 +177,59 @@ def test_compose_tls_is_off_by_default_and_the_overlay_fits(tmp_path: Path) -> N
     assert ExtendedKeyUsageOID.SERVER_AUTH in usages(gateway["CHATWIRE_TLS_CERT_FILE"])
 
 
-def test_gateway_image_config_validates_with_envoy(tmp_path: Path) -> None:
-    # As the gateway container renders it: listening on all interfaces, upstream by service name.
-    ports = stack.Ports(http=8080, grpc=50051, admin=9901)
+def envoy_validates(config_text: str, tmp_path: Path) -> None:
     config = tmp_path / "envoy.yaml"
-    config.write_text(stack.render_envoy_config(ports, http_host="0.0.0.0", grpc_host="chatwire"))
+    config.write_text(config_text)
     result = subprocess.run(
         [stack.envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def gateway_config(**environment: str) -> str:
+    """gateway/envoy.yaml as the gateway container renders it: listening on all interfaces, upstream by service
+    name, with `environment` (OTEL_* settings among them)."""
+    ports = stack.Ports(http=8080, grpc=50051, admin=9901)
+    return stack.render_envoy_config(ports, http_host="0.0.0.0", grpc_host="chatwire", **environment)
+
+
+def test_compose_tracing_overlay_fits(tmp_path: Path) -> None:
+    merged = compose_merge(COMPOSE, COMPOSE_TRACING)
+    validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    validator.validate(COMPOSE_TRACING)
+    validator.validate(merged)
+    # Off by default; with the overlay, the replicas and the gateway export to the collector the overlay starts,
+    # on the port its OTLP receiver listens on for the protocol they use.
+    assert not any(envoy_tracing.exporting(s.get("environment", {})) for s in COMPOSE["services"].values())
+    collector = merged["services"]["jaeger"]
+    for name in ("chatwire", "gateway"):
+        environment = merged["services"][name]["environment"]
+        assert envoy_tracing.exporting(environment)
+        endpoint = urlsplit(environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        protocol = envoy_tracing.protocol(environment).split("/")[0]
+        assert endpoint.hostname == "jaeger" and "jaeger" in merged["services"][name]["depends_on"]
+        assert f"--set=receivers.otlp.protocols.{protocol}.endpoint=0.0.0.0:{endpoint.port}" in collector["command"]
+    envoy_validates(gateway_config(**merged["services"]["gateway"]["environment"]), tmp_path)
+
+
+# Tracing as the standard OTEL_* variables may set it: off, and each way Envoy's exporter can be rendered.
+TRACING_VARIANTS = {
+    "off": {},
+    "grpc": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+    "http-headers-ratio": {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=secret",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.05",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
+    },
+    "https-grpc": {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example.com", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+}
+
+
+@pytest.mark.parametrize("tracing_settings", TRACING_VARIANTS.values(), ids=TRACING_VARIANTS)
+def test_gateway_image_config_validates_with_envoy(tmp_path: Path, tracing_settings: dict[str, str]) -> None:
+    envoy_validates(gateway_config(**tracing_settings), tmp_path)
 
 
 def test_gateway_image_fills_every_placeholder() -> None:
@@ -281,6 +327,19 @@ def test_kubernetes_manifests_fit_together() -> None:
     hpa = KUBERNETES["HorizontalPodAutoscaler", "chatwire"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == replicas["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "chatwire_queued_requests"
+
+
+def test_kubernetes_tracing_reaches_both_deployments(tmp_path: Path) -> None:
+    settings = KUBERNETES["ConfigMap", "chatwire-tracing"]["data"]
+    # Standard variables only, which turn tracing on; Envoy accepts what the gateway image renders from them.
+    assert all(name.startswith("OTEL_") for name in settings) and envoy_tracing.exporting(settings)
+    assert urlsplit(settings["OTEL_EXPORTER_OTLP_ENDPOINT"]).hostname.endswith(".svc.cluster.local")
+    envoy_validates(gateway_config(**settings), tmp_path)
+    # The replicas and the gateway read it, optionally: without the ConfigMap, tracing is off.
+    for name in ("chatwire", "chatwire-gateway"):
+        pod = KUBERNETES["Deployment", name]["spec"]["template"]["spec"]
+        sources = [s["configMapRef"] for c in pod["containers"] for s in c.get("envFrom", []) if "configMapRef" in s]
+        assert {"name": "chatwire-tracing", "optional": True} in sources, name
 
 
 def test_kubernetes_rate_limit_store_fits() -> None:

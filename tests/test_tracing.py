@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server.edge import envoy_tracing, stack
-from conftest import MODEL, NO_END_BIAS, Stack, engine_workers, run_stack
+from conftest import MODEL, NO_END_BIAS, Stack, engine_workers, free_ports, make_run, make_run_env, run_stack
 from otlp import Listening, Receiver, Span, tree
 
 pytestmark = pytest.mark.tracing
@@ -258,6 +260,17 @@ def long_stream(running: Stack, header: str) -> Iterator[Iterator[str]]:
         yield lines
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/unknown"])
+def test_no_query_string_reaches_a_span(traced: Stack, receiver: Listening, path: str) -> None:
+    # Clients put API keys in query strings; the edge's span, like its access log, never holds one.
+    header, trace_id, _ = traceparent()
+    url = f"http://127.0.0.1:{traced.ports.http}{path}?api_key=sk-secret-in-the-query"
+    httpx.get(url, headers={"traceparent": header}, timeout=30)
+    spans = receiver.receiver.wait_for(lambda all: any(s.trace_id == trace_id and s.kind == "server" for s in all))
+    edge = [s for s in spans if s.trace_id == trace_id]
+    assert edge and all("sk-secret" not in json.dumps(s.attributes) for s in edge), edge
+
+
 def test_a_cancelled_stream_ends_its_spans(traced: Stack, receiver: Listening) -> None:
     header, trace_id, _ = traceparent()
     with long_stream(traced, header):
@@ -371,6 +384,26 @@ def test_a_slow_or_missing_collector_never_delays_a_reply(request: pytest.Fixtur
                 assert listening.receiver.wait_for(lambda spans: len(spans) > 0, timeout=30)
     finally:
         listening.stop()
+
+
+def test_the_readmes_make_run_sends_traces(receiver: Listening, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) if "OTEL_EXPORTER_OTLP_ENDPOINT" in b]
+    [line] = [line for line in block.splitlines() if line.endswith("make run")]
+    settings = dict(word.split("=", 1) for word in shlex.split(line)[:-2])
+    # The collector's port swapped for the test receiver's (HTTP, the default protocol).
+    settings = {name: value.replace(":4318", f":{receiver.http_port}") for name, value in settings.items()}
+    ports = free_ports()
+    with make_run(make_run_env(ports, **settings), tmp_path / "make-run.log") as launcher:
+        assert "Traces           http://127.0.0.1" in (tmp_path / "make-run.log").read_text()
+        header, trace_id, _ = traceparent()
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
+        url = f"http://127.0.0.1:{ports['HTTP']}/v1/chat/completions"
+        assert httpx.post(url, json=body, headers={"traceparent": header}, timeout=60).status_code == 200
+        spans = receiver.receiver.wait_for_trace(trace_id, "POST /v1/chat/completions", f"{RPC}CreateChatCompletion")
+        assert spans["POST /v1/chat/completions"].service == "chatwire-edge"
+        assert spans[f"{RPC}CreateChatCompletion"].service == "chatwire"
+        assert launcher.poll() is None
 
 
 def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:

@@ -176,19 +176,28 @@ def rpc_span(method: str, metadata: Mapping[str, str], record: dict[str, Any]) -
 
 @contextlib.contextmanager
 def span(name: str) -> Iterator[None]:
-    """A step of the RPC being served (admission, validation), as a child of its span."""
+    """A step of the RPC being served (admission, validation), as a child of its span: timed now, recorded once the
+    call is waiting on something else (making a span takes the SDK tens of microseconds)."""
     call = _CALL.get()
     if _TRACING is None or call is None:
         yield
         return
-    child = _TRACING.tracer.start_span(name, call.context)
+    started, failure = time.time_ns(), None
     try:
         yield
     except BaseException as exc:
-        _failed(child, exc)
+        failure = exc
         raise
     finally:
-        child.end()
+        ended, tracer = time.time_ns(), _TRACING.tracer
+
+        def record() -> None:
+            child = tracer.start_span(name, call.context, start_time=started)
+            if failure is not None:
+                _failed(child, failure)
+            child.end(ended)
+
+        _after_reply(record)
 
 
 class Generation:
@@ -197,8 +206,11 @@ class Generation:
     the call's arrival at this server). Fed by the servicer as events arrive; `None` stands for it when the call
     is not traced, so the servicer's hooks are `if generation:` checks."""
 
-    def __init__(self, span: Span, call: _Call, capture_content: bool) -> None:
-        self._span = span
+    def __init__(self, opening: Callable[[], Span], call: _Call, capture_content: bool) -> None:
+        # The span is made when it is first needed: for a relayed call, when its request leaves; otherwise when
+        # the call ends, with the times taken meanwhile (off the path to the first token).
+        self._opening: Callable[[], Span] | None = opening
+        self._opened: Span | None = None
         self._call = call
         self._capture = capture_content
         # Set on the span in one go when it ends (each call to the SDK takes a lock).
@@ -214,8 +226,14 @@ class Generation:
         from opentelemetry.trace import set_span_in_context
 
         carrier: dict[str, str] = {}
-        inject(carrier, set_span_in_context(self._span))
+        inject(carrier, set_span_in_context(self._span()))
         return carrier
+
+    def _span(self) -> Span:
+        if self._opened is None:
+            assert self._opening is not None
+            self._opened, self._opening = self._opening(), None
+        return self._opened
 
     def response(self, response_id: str, model: str | None = None) -> None:
         self._attributes["gen_ai.response.id"] = response_id
@@ -229,7 +247,6 @@ class Generation:
     def output(self, index: int, text: str) -> None:
         if not self._first_token_ns:
             self._first_token_ns = time.time_ns()
-            self._span.add_event("first_token", timestamp=self._first_token_ns)
             self._latency("time_to_first_token", self._first_token_ns)
         if self._capture:
             self._texts.setdefault(index, []).append(text)
@@ -255,6 +272,9 @@ class Generation:
         _after_reply(lambda: self._finish(exc, ended))
 
     def _finish(self, exc: BaseException | None, ended: int) -> None:
+        span = self._span()
+        if self._first_token_ns:
+            span.add_event("first_token", timestamp=self._first_token_ns)
         if self._reasons:
             reasons = [self._reasons[i] for i in sorted(self._reasons)]
             self._attributes["gen_ai.response.finish_reasons"] = reasons
@@ -269,10 +289,10 @@ class Generation:
             ]
             self._attributes["gen_ai.output.messages"] = json.dumps(output)
         self._latency("e2e", ended)
-        self._span.set_attributes(self._attributes)
+        span.set_attributes(self._attributes)
         if exc is not None:
-            _failed(self._span, exc)
-        self._span.end(ended)
+            _failed(span, exc)
+        span.end(ended)
 
     def _engine_spans(self) -> None:
         """queue, prefill and decode, as the engine timed them (engines that do not time report nothing)."""
@@ -282,7 +302,7 @@ class Generation:
         from opentelemetry.trace import set_span_in_context
 
         first, last = timed[0], max(t.finished for t in timed)
-        parent = set_span_in_context(self._span)
+        parent = set_span_in_context(self._span())
         tracer = _TRACING.tracer
         tracer.start_span("queue", parent, start_time=first.queued).end(first.scheduled)
         prefill = tracer.start_span("prefill", parent, start_time=first.scheduled)
@@ -353,11 +373,15 @@ def _generation(model: str, attributes: Any, messages: Any, *, relayed: bool) ->
     from opentelemetry.trace import SpanKind
 
     kind = SpanKind.CLIENT if relayed else SpanKind.INTERNAL
-    opening = {**attributes(), "chatwire.relayed": relayed}
-    if _TRACING.capture_content:
-        opening["gen_ai.input.messages"] = json.dumps(messages())
-    span = _TRACING.tracer.start_span(f"chat {model}", call.context, kind=kind, attributes=opening)
-    traced = Generation(span, call, _TRACING.capture_content)
+    tracer, capture, started = _TRACING.tracer, _TRACING.capture_content, time.time_ns()
+
+    def opening() -> Span:
+        first = {**attributes(), "chatwire.relayed": relayed}
+        if capture:
+            first["gen_ai.input.messages"] = json.dumps(messages())
+        return tracer.start_span(f"chat {model}", call.context, kind=kind, attributes=first, start_time=started)
+
+    traced = Generation(opening, call, capture)
     try:
         yield traced
     except BaseException as exc:

@@ -43,6 +43,11 @@ def exporting(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(_setting(environ, "ENDPOINT")) and not disabled and not none
 
 
+def endpoint(environ: Mapping[str, str] = os.environ) -> str:
+    """Where the spans go (as the environment names it)."""
+    return _setting(environ, "ENDPOINT")
+
+
 def protocol(environ: Mapping[str, str] = os.environ) -> str:
     """The OTLP protocol to export with."""
     name = _setting(environ, "PROTOCOL") or "http/protobuf"
@@ -103,7 +108,7 @@ def placeholders(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
         unused = _cluster("127.0.0.1", 4318, http2=False, tls=None)
         return {"CHATWIRE_TRACING": "null", "CHATWIRE_OTLP_CLUSTER": json.dumps(unused)}
     grpc = protocol(environ) == "grpc"
-    url = urllib.parse.urlsplit(_setting(environ, "ENDPOINT"))
+    url = urllib.parse.urlsplit(endpoint(environ))
     # https: verified against OTEL_EXPORTER_OTLP_CERTIFICATE, or the system's CAs (Debian's bundle).
     tls = (_setting(environ, "CERTIFICATE") or SYSTEM_CAS) if url.scheme == "https" else None
     host, port = url.hostname or "localhost", url.port or (443 if tls else 4317 if grpc else 4318)

@@ -500,6 +500,9 @@ def main() -> None:
         wait_for_envoy(ports.admin, envoy)
         wait_for_replicas(ports.admin, replicas, envoy)
         grpc_addresses = ", ".join(f"127.0.0.1:{grpc}" for grpc, _ in ports.replicas)
+        traces = "off (set OTEL_EXPORTER_OTLP_ENDPOINT)"
+        if envoy_tracing.exporting():
+            traces = f"{envoy_tracing.endpoint()} over OTLP {envoy_tracing.protocol()} (the edge and the servers)"
         metrics_urls = ", ".join(f"http://127.0.0.1:{metrics}/metrics" for _, metrics in ports.replicas)
         print(
             f"\nchatwire is up ({replicas} replica{'s' if replicas > 1 else ''} behind the edge):\n"
@@ -513,6 +516,7 @@ def main() -> None:
             f"  Envoy admin      http://127.0.0.1:{ports.admin}/\n"
             f"  API keys         {'on' if auth_on else 'OFF: anyone who reaches the ports can use it'}\n"
             f"{store}"
+            f"  Traces           {traces}\n"
             "Ctrl-C stops them all.\n",
             flush=True,
         )
