@@ -130,7 +130,7 @@ def _failed(span: Span, exc: BaseException) -> None:
     client gave up (cancelled, closed early) is not a failure: an event says so."""
     if isinstance(exc, ChatwireError):
         _error(span, exc.code or exc.error_type, exc.message)
-    elif isinstance(exc, (GeneratorExit, KeyboardInterrupt)) or type(exc).__name__ == "CancelledError":
+    elif isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
         span.add_event("cancelled")
     elif not isinstance(exc, grpc.aio.AbortError):
         _error(span, type(exc).__name__, str(exc))
@@ -204,7 +204,7 @@ class Generation:
     """The `chat <model>` span of one completion: what was asked (`gen_ai.request.*`), what came back
     (`gen_ai.response.*`, `gen_ai.usage.*`) and where the time went (vLLM's `gen_ai.latency.*`, in seconds, from
     the call's arrival at this server). Fed by the servicer as events arrive; `None` stands for it when the call
-    is not traced, so the servicer's hooks are `if generation:` checks."""
+    is not traced, so the servicer's hooks are `if traced:` checks."""
 
     def __init__(self, opening: Callable[[], Span], call: _Call, capture_content: bool) -> None:
         # The span is made when it is first needed: for a relayed call, when its request leaves; otherwise when

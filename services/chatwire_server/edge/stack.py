@@ -283,13 +283,14 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
 
 
 def healthy_replicas(admin_port: int) -> dict[str, list[str]]:
-    """Per Envoy cluster, the addresses of the replicas its health checks pass (from the admin `/clusters`)."""
+    """Per Envoy cluster of replicas, the addresses of those its health checks pass (from the admin `/clusters`;
+    the trace collector's cluster is not one)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as reply:
         lines = reply.read().decode().splitlines()
     healthy: dict[str, list[str]] = {}
     for line in lines:  # host lines: cluster::address::health_flags::healthy (or the flags that fail it)
         parts = line.split("::")
-        if len(parts) == 4 and parts[2] == "health_flags":
+        if len(parts) == 4 and parts[2] == "health_flags" and parts[0] != envoy_tracing.CLUSTER:
             cluster, address, _, flags = parts
             healthy.setdefault(cluster, [])
             if flags == "healthy":
