@@ -363,7 +363,7 @@ def _tracing(results: dict[str, Any]) -> list[str]:
         "## Tracing",
         "",
         f"One replica behind the edge, tracing off against OpenTelemetry traces from the edge and the server at 100 % "
-        f"sampling (OTLP/gRPC to a receiver in the benchmark's process), two stacks measured in turns "
+        f"sampling (OTLP/gRPC to a receiver in a process of its own), two stacks measured in turns "
         f"({run['rounds']} rounds; c16: {run['c16_rounds']} rounds of 16 streams of {run['c16_tokens']} tokens; "
         f"{run['spans_received']} spans received), {run['date']}, {run['cpu']}. `python bench/tracing_cost.py` (part "
         "of `make bench`). `GET /v1/models`: a round trip through the edge and the RPC without model work.",

@@ -29,6 +29,7 @@ CLUSTER = "otlp_collector"
 # How long Envoy waits on one export before it drops that batch.
 EXPORT_TIMEOUT = "2s"
 SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
+MAX_CACHED_SPANS = 4096
 
 
 def _setting(environ: Mapping[str, str], name: str) -> str:
@@ -134,6 +135,9 @@ def placeholders(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
                 "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
                 **exporter,
                 "service_name": f"{environ.get('OTEL_SERVICE_NAME') or 'chatwire'}-edge",
+                # Spans a worker thread holds between exports (gateway/envoy.yaml flushes at 512 or each second);
+                # beyond this, new ones are dropped rather than held.
+                "max_cache_size": MAX_CACHED_SPANS,
                 # OTEL_RESOURCE_ATTRIBUTES (Envoy warns at every start if the detector finds it unset).
                 "resource_detectors": [
                     {
