@@ -38,7 +38,7 @@ from google.protobuf import json_format
 import chatwire_client
 import report
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
-from chatwire_server.edge import stack
+from chatwire_server.edge import envoy_tracing, stack
 
 MODEL = "smollm2-135m-instruct"
 REPLICAS = 3
@@ -176,7 +176,8 @@ class InFlight:
             per_host: dict[str, int] = {}
             for line in lines:
                 parts = line.split("::")
-                if len(parts) == 4 and parts[2] == "rq_active":
+                # The replicas' hosts (not the trace collector's).
+                if len(parts) == 4 and parts[2] == "rq_active" and parts[0] != envoy_tracing.CLUSTER:
                     per_host[parts[1]] = per_host.get(parts[1], 0) + int(parts[3])
             self.samples.append(sorted(per_host.values()))
 

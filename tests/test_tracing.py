@@ -27,6 +27,7 @@ from google.protobuf import json_format
 
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
+from chatwire_server import tracing
 from chatwire_server.edge import envoy_tracing, stack
 from conftest import MODEL, NO_END_BIAS, Stack, engine_workers, free_ports, make_run, make_run_env, run_stack
 from otlp import Listening, Receiver, Span, tree
@@ -238,7 +239,8 @@ def test_a_bad_request_sets_error_status_with_the_openai_code(traced: Stack, rec
     )
     for name in (f"{RPC}CreateChatCompletion", "validate"):
         span = spans[name]
-        assert span.status == "error" and span.status_message.startswith(f"{code}:"), span
+        # The code alone: an error's message may quote the request, recorded only with message content.
+        assert span.status == "error" and span.status_message == code, span
         assert span.attributes["error.type"] == code
     assert (
         spans[f"{RPC}CreateChatCompletion"].attributes["rpc.grpc.status_code"]
@@ -378,8 +380,9 @@ def test_a_slow_or_missing_collector_never_delays_a_reply(request: pytest.Fixtur
                 started = time.monotonic()
                 assert chat(running, traceparent()[0], max_tokens=2).status_code == 200
                 slowest = max(slowest, time.monotonic() - started)
-            # A reply takes a fraction of a second; a reply that waited on one export would take 5 s or more.
-            assert slowest < 4.0, slowest
+            # A reply takes a fraction of a second. One that waited on an export would take 5 s (the collector)
+            # or 2 s (the edge's export timeout).
+            assert slowest < 1.9, slowest
             if collector == "slow":  # and the spans do get there, later
                 assert listening.receiver.wait_for(lambda spans: len(spans) > 0, timeout=30)
     finally:
@@ -416,6 +419,46 @@ def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
     env = {k: v for k, v in stack.python_env().items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("sampler", ["traceidratio", "parentbased_traceidratio", "always_on", "always_off"])
+def test_the_servers_always_follow_the_callers_sampling_decision(sampler: str) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    environment = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    chosen = tracing._parent_based(environment)
+    assert isinstance(chosen, ParentBased)
+    root = chosen._root
+    assert isinstance(root, TraceIdRatioBased)
+    # The ratio of the traces a server starts is the edge's.
+    assert root.rate == envoy_tracing.sampling_percent(environment) / 100
+
+
+def test_a_relayed_reply_of_unexpected_shapes_never_fails_the_call() -> None:
+    class Spy(tracing.Generation):
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+        def response(self, *args: object) -> None:  # type: ignore[override]
+            self.calls.append(("response", args))
+
+        def output(self, *args: object) -> None:  # type: ignore[override]
+            self.calls.append(("output", args))
+
+        def finish_reason(self, *args: object) -> None:  # type: ignore[override]
+            self.calls.append(("finish_reason", args))
+
+        def usage(self, *args: object) -> None:  # type: ignore[override]
+            self.calls.append(("usage", args))
+
+    spy = Spy()
+    odd = {
+        "id": 7,
+        "choices": [None, {"index": "0", "delta": {"content": "x"}}, {"index": 1, "message": {"content": ["a"]}}],
+        "usage": {"prompt_tokens": "3", "prompt_tokens_details": "none", "completion_tokens": 2},
+    }
+    tracing.relayed_reply(spy, odd)
+    assert spy.calls == [("response", ("7", "")), ("output", (1, ["a"])), ("usage", (0, 2, 0))]
 
 
 def test_edge_settings_follow_the_standard_variables() -> None:

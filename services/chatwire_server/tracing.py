@@ -4,8 +4,9 @@ Off unless OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is 
 OTEL_TRACES_EXPORTER=none keep it off): then OpenTelemetry is not even imported and every hook here is a no-op.
 When on, OTEL_EXPORTER_OTLP_PROTOCOL picks the exporter (`http/protobuf`, the specification's default, or `grpc`;
 the edge reads these the same way, in `edge.envoy_tracing`), and the SDK reads the rest of the standard variables
-itself: OTEL_SERVICE_NAME (default `chatwire`), OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG) (default
-parentbased_always_on), OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _CERTIFICATE, OTEL_BSP_*. Spans leave in the
+itself: OTEL_SERVICE_NAME (default `chatwire`), OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT,
+_CERTIFICATE, OTEL_BSP_*. OTEL_TRACES_SAMPLER(_ARG) gives the ratio of new traces, read as the edge reads it;
+a caller's decision is always followed. Spans leave in the
 background (a batch processor with a bounded queue): a collector that is down or slow loses spans, never delays a reply.
 
 Each call is one tree, under the span of the edge (or of whoever sent `traceparent`):
@@ -45,6 +46,7 @@ from chatwire_server.errors import ChatwireError
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
@@ -93,11 +95,22 @@ def configure(environ: Mapping[str, str] = os.environ) -> bool:
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
     named = environ.get("OTEL_SERVICE_NAME") or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    provider = TracerProvider(resource=Resource.create({} if named else {"service.name": "chatwire"}))
+    resource = Resource.create({} if named else {"service.name": "chatwire"})
+    provider = TracerProvider(resource=resource, sampler=_parent_based(environ))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     capture = environ.get(CAPTURE_CONTENT_SETTING, "").lower() == "true"
     _TRACING = _Tracing(provider, provider.get_tracer("chatwire_server"), capture)
     return True
+
+
+def _parent_based(environ: Mapping[str, str]) -> Sampler:
+    """OTEL_TRACES_SAMPLER's sampler, always deferring to a caller's decision (`traceidratio` becomes
+    `parentbased_traceidratio`): the edge samples the traces it starts, so a server that decided again would
+    leave halves of traces."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    percent = envoy_tracing.sampling_percent(environ)
+    return ParentBased(root=TraceIdRatioBased(percent / 100))
 
 
 def shutdown() -> None:
@@ -118,11 +131,14 @@ def _after_reply(finish: Callable[[], None]) -> None:
         finish()
 
 
-def _error(span: Span, code: str, message: str) -> None:
+def _error(span: Span, code: str, message: str = "") -> None:
+    """Error status described by `code`; the error's message too only where message content is recorded (it may
+    quote the request, or an upstream's reply)."""
     from opentelemetry.trace import Status, StatusCode
 
     span.set_attribute("error.type", code)
-    span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"))
+    capturing = _TRACING is not None and _TRACING.capture_content
+    span.set_status(Status(StatusCode.ERROR, f"{code}: {message}" if message and capturing else code))
 
 
 def _failed(span: Span, exc: BaseException) -> None:
@@ -168,7 +184,7 @@ def rpc_span(method: str, metadata: Mapping[str, str], record: dict[str, Any]) -
         def finish() -> None:
             span.set_attributes(outcome)
             if error:
-                _error(span, error, status)
+                _error(span, error)
             span.end(ended)
 
         _after_reply(finish)
@@ -245,11 +261,12 @@ class Generation:
         self.output(event.index, event.text)
 
     def output(self, index: int, text: str) -> None:
+        """Generated text of choice `index` (as an upstream sent it: only recorded, as text, when asked to)."""
         if not self._first_token_ns:
             self._first_token_ns = time.time_ns()
             self._latency("time_to_first_token", self._first_token_ns)
         if self._capture:
-            self._texts.setdefault(index, []).append(text)
+            self._texts.setdefault(index, []).append(str(text))
 
     def finished(self, event: Finished) -> None:
         """One choice's end, with the engine's counts and timings."""
@@ -273,6 +290,12 @@ class Generation:
 
     def _finish(self, exc: BaseException | None, ended: int) -> None:
         span = self._span()
+        try:
+            self._describe(span, exc, ended)
+        finally:  # whatever the reply held, the span ends
+            span.end(ended)
+
+    def _describe(self, span: Span, exc: BaseException | None, ended: int) -> None:
         if self._first_token_ns:
             span.add_event("first_token", timestamp=self._first_token_ns)
         if self._reasons:
@@ -292,7 +315,6 @@ class Generation:
         span.set_attributes(self._attributes)
         if exc is not None:
             _failed(span, exc)
-        span.end(ended)
 
     def _engine_spans(self) -> None:
         """queue, prefill and decode, as the engine timed them (engines that do not time report nothing)."""
@@ -391,18 +413,22 @@ def _generation(model: str, attributes: Any, messages: Any, *, relayed: bool) ->
 
 
 def relayed_reply(traced: Generation, reply: Mapping[str, Any]) -> None:
-    """What a relayed model's server answered (a whole reply or one chunk), onto its span."""
+    """What a relayed model's server answered (a whole reply or one chunk), onto its span. Whatever shapes the
+    upstream sent, this never fails the call: fields of unexpected types are left out."""
     if reply_id := reply.get("id"):
-        traced.response(str(reply_id), reply.get("model"))
-    for choice in reply.get("choices") or ():
-        if not isinstance(choice, dict):
+        traced.response(str(reply_id), str(reply.get("model") or ""))
+    choices = reply.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        index = choice.get("index", 0) if isinstance(choice, dict) else None
+        if not isinstance(index, int):
             continue
-        index = choice.get("index", 0)
-        message = choice.get("delta") or choice.get("message") or {}
+        message = choice.get("delta") or choice.get("message")
         if isinstance(message, dict) and (message.get("content") or message.get("tool_calls")):
             traced.output(index, message.get("content") or "")
-        if choice.get("finish_reason"):
-            traced.finish_reason(index, choice["finish_reason"])
+        if isinstance(reason := choice.get("finish_reason"), str) and reason:
+            traced.finish_reason(index, reason)
     if isinstance(usage := reply.get("usage"), dict):
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        traced.usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), cached)
+        details = usage.get("prompt_tokens_details")
+        counts = (usage.get("prompt_tokens"), details.get("cached_tokens") if isinstance(details, dict) else 0)
+        prompt, cached, completion = (n if isinstance(n, int) else 0 for n in (*counts, usage.get("completion_tokens")))
+        traced.usage(prompt, completion, cached)
