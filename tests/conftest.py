@@ -215,6 +215,20 @@ def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float 
     return sum(values) if values else None
 
 
+def logged(path: Path, request_id: str, timeout: float = 10, **match: object) -> dict[str, Any]:
+    """The JSON log record of `request_id` in `path` (Envoy's access log, a server's log) holding `match`,
+    waiting for it up to `timeout` seconds: Envoy flushes its access log about once a second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text(errors="replace").splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{") and request_id in line]
+        found = [r for r in records if r.get("request_id") == request_id and match.items() <= r.items()]
+        if found or time.monotonic() > deadline:
+            assert found, f"no record of {request_id} in {path}"
+            return found[0]
+        time.sleep(0.2)
+
+
 def _dump_logs(*paths: Path) -> None:
     for path in paths:
         if path.exists():

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from conftest import MODEL, NO_END, Stack, assert_valid, parse_sse, run_stack
+from conftest import MODEL, NO_END, Stack, assert_valid, logged, parse_sse, run_stack
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 # Long replies: SmolLM2's end-of-turn token (id 2) is banned.
-
-
-def records(path: object) -> list[dict[str, object]]:
-    lines = open(str(path), encoding="utf-8").read().splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-def logged(path: object, request_id: str, **match: object) -> dict[str, object]:
-    """The log record of `request_id` (waiting for it: Envoy flushes its access log about once a second)."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = [r for r in records(path) if r.get("request_id") == request_id and match.items() <= r.items()]
-        if found or time.monotonic() > deadline:
-            assert found, f"no record of {request_id} in {path}"
-            return found[0]
-        time.sleep(0.2)
 
 
 def test_request_id_is_returned_logged_and_passed_to_the_service(chatwire: Stack) -> None:

@@ -33,7 +33,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import http1
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc, models_pb2
 from chatwire_server.edge import stack
-from conftest import EDGE_REPLY_HEADERS, MODEL, Stack, assert_valid, free_ports, make_run_env, parse_sse, run_envoy
+from conftest import (
+    EDGE_REPLY_HEADERS,
+    MODEL,
+    Stack,
+    assert_valid,
+    free_ports,
+    logged,
+    make_run_env,
+    parse_sse,
+    run_envoy,
+)
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
@@ -250,19 +260,6 @@ def test_unknown_query_parameters_are_ignored(chatwire: Stack) -> None:
     assert httpx.get(url(chatwire, "/health?probe=1"), timeout=10).status_code == 200
 
 
-def logged(path: Path, request_id: str) -> dict[str, Any]:
-    """Envoy's access-log record of `request_id` (waiting for it: Envoy flushes its log every 10 s at worst)."""
-    deadline = time.monotonic() + 20
-    while True:
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{") and request_id in line:
-                record: dict[str, Any] = json.loads(line)
-                if record.get("request_id") == request_id:
-                    return record
-        assert time.monotonic() < deadline, f"no record of {request_id} in {path}"
-        time.sleep(0.2)
-
-
 def test_access_log_never_holds_the_query_string(chatwire: Stack) -> None:
     secret = "sk-query-secret-4f9a"
     replies = [
@@ -273,7 +270,8 @@ def test_access_log_never_holds_the_query_string(chatwire: Stack) -> None:
         # Nor can a client choose the path logged.
         httpx.get(url(chatwire, "/v1/other"), headers={"x-envoy-original-path": "/v1/models"}, timeout=10),
     ]
-    paths = [logged(chatwire.envoy_log, reply.headers["x-request-id"])["path"] for reply in replies]
+    # Envoy flushes its access log every 10 s at worst.
+    paths = [logged(chatwire.envoy_log, reply.headers["x-request-id"], timeout=20)["path"] for reply in replies]
     assert paths == ["/v1/chat/completions", "/v1/models", "/v1/nothing", "/health", "/v1/other"]
     assert secret not in chatwire.envoy_log.read_text(errors="replace")
 

@@ -29,7 +29,17 @@ from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import tracing
 from chatwire_server.edge import envoy_tracing, stack
-from conftest import MODEL, NO_END_BIAS, Stack, engine_workers, free_ports, make_run, make_run_env, run_stack
+from conftest import (
+    MODEL,
+    NO_END_BIAS,
+    Stack,
+    engine_workers,
+    free_ports,
+    logged,
+    make_run,
+    make_run_env,
+    run_stack,
+)
 from otlp import Listening, Receiver, Span, tree
 
 pytestmark = pytest.mark.tracing
@@ -164,19 +174,8 @@ def test_an_http_request_is_one_trace_from_the_client_to_the_engine(traced: Stac
     assert not any("messages" in name for name in attributes)
 
     # The logs name the trace beside the request id.
-    assert _logged(traced.envoy_log, reply.headers["x-request-id"])["trace_id"] == trace_id
-    assert _logged(traced.server_log, reply.headers["x-request-id"])["trace_id"] == trace_id
-
-
-def _logged(log: Path, request_id: str) -> dict[str, object]:
-    """The JSON log line of `request_id` (the edge's access log, the server's request line)."""
-    for _ in range(50):
-        for line in log.read_text().splitlines():
-            entry = json.loads(line) if line.startswith("{") else {}
-            if entry.get("request_id") == request_id and (entry.get("msg") == "request" or "path" in entry):
-                return entry
-        time.sleep(0.1)
-    raise AssertionError(f"{request_id} not in {log}")
+    assert logged(traced.envoy_log, reply.headers["x-request-id"])["trace_id"] == trace_id
+    assert logged(traced.server_log, reply.headers["x-request-id"], msg="request")["trace_id"] == trace_id
 
 
 def test_a_stream_through_the_sdk(traced: Stack, receiver: Listening) -> None:
