@@ -28,6 +28,7 @@ from google.protobuf import json_format
 from chatwire.v1 import chat_completion_pb2 as pb
 from chatwire.v1 import chat_service_pb2_grpc
 from chatwire_server import tracing
+from chatwire_server.api import relayed
 from chatwire_server.edge import envoy_tracing, stack
 from conftest import (
     MODEL,
@@ -456,7 +457,7 @@ def test_a_relayed_reply_of_unexpected_shapes_never_fails_the_call() -> None:
         "choices": [None, {"index": "0", "delta": {"content": "x"}}, {"index": 1, "message": {"content": ["a"]}}],
         "usage": {"prompt_tokens": "3", "prompt_tokens_details": "none", "completion_tokens": 2},
     }
-    tracing.relayed_reply(spy, odd)
+    relayed.trace_relayed(spy, odd)
     assert spy.calls == [("response", ("7", "")), ("output", (1, ["a"])), ("usage", (0, 2, 0))]
 
 

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import contextvars
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import Span, Tracer
-
-log = logging.getLogger(__name__)
 
 SERVICE = "chatwire.v1.ChatService"
 CAPTURE_CONTENT_SETTING = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -410,25 +407,3 @@ def _generation(model: str, attributes: Any, messages: Any, *, relayed: bool) ->
         traced.end(exc)
         raise
     traced.end(None)
-
-
-def relayed_reply(traced: Generation, reply: Mapping[str, Any]) -> None:
-    """What a relayed model's server answered (a whole reply or one chunk), onto its span. Whatever shapes the
-    upstream sent, this never fails the call: fields of unexpected types are left out."""
-    if reply_id := reply.get("id"):
-        traced.response(str(reply_id), str(reply.get("model") or ""))
-    choices = reply.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        index = choice.get("index", 0) if isinstance(choice, dict) else None
-        if not isinstance(index, int):
-            continue
-        message = choice.get("delta") or choice.get("message")
-        if isinstance(message, dict) and (message.get("content") or message.get("tool_calls")):
-            traced.output(index, message.get("content") or "")
-        if isinstance(reason := choice.get("finish_reason"), str) and reason:
-            traced.finish_reason(index, reason)
-    if isinstance(usage := reply.get("usage"), dict):
-        details = usage.get("prompt_tokens_details")
-        counts = (usage.get("prompt_tokens"), details.get("cached_tokens") if isinstance(details, dict) else 0)
-        prompt, cached, completion = (n if isinstance(n, int) else 0 for n in (*counts, usage.get("completion_tokens")))
-        traced.usage(prompt, completion, cached)

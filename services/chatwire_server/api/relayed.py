@@ -1,6 +1,6 @@
 """Replies relayed from other OpenAI-compatible servers (engine `openai`) made ours: named by the model id the
 client asked for, held to the contract's types (where servers are known to stray and the meaning is plain,
-fitted), and to the spec's keys (vendor extensions dropped)."""
+fitted), and to the spec's keys (vendor extensions dropped); and what they say, onto the relayed call's trace span."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from chatwire.v1 import chat_completion_pb2 as pb
+from chatwire_server import tracing
 from chatwire_server.api.convert import NULL
 from chatwire_server.errors import UpstreamError
 
@@ -105,3 +106,23 @@ def _parse_relayed(data: dict[str, Any], message: Any) -> Any:
         return json_format.ParseDict(_tolerant(data), message, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, ValueError) as exc:
         raise UpstreamError("The upstream server's reply is not a valid chat completion.") from exc
+
+
+def trace_relayed(traced: tracing.Generation, reply: dict[str, Any]) -> None:
+    """What the upstream answered (a whole reply or one chunk), onto the relayed call's span. Whatever shapes the
+    upstream sent, this never fails the call: fields of unexpected types are left out."""
+    if reply_id := reply.get("id"):
+        traced.response(str(reply_id), str(reply.get("model") or ""))
+    choices = reply.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        index = choice.get("index", 0) if isinstance(choice, dict) else None
+        if not isinstance(index, int):
+            continue
+        message = choice.get("delta") or choice.get("message")
+        if isinstance(message, dict) and (message.get("content") or message.get("tool_calls")):
+            traced.output(index, message.get("content") or "")
+        if isinstance(reason := choice.get("finish_reason"), str) and reason:
+            traced.finish_reason(index, reason)
+    if isinstance(usage := reply.get("usage"), dict):
+        prompt, cached, completion = relayed_usage(usage)
+        traced.usage(prompt, completion, cached)

@@ -217,7 +217,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         with tracing.relayed_generation(request.model, body) as traced:
             reply = await relay.complete(body, traced.headers() if traced else NO_HEADERS)
             if traced:
-                tracing.relayed_reply(traced, reply)
+                relayed.trace_relayed(traced, reply)
         response = relayed.relayed_response_to_proto(reply, request.model)
         if reply.get("usage"):
             self._count_tokens(request.model, *relayed.relayed_usage(reply["usage"]))
@@ -238,7 +238,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             async with aclosing(relay.stream(body, traced.headers() if traced else NO_HEADERS)) as chunks:
                 async for chunk in chunks:
                     if traced:
-                        tracing.relayed_reply(traced, chunk)
+                        relayed.trace_relayed(traced, chunk)
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                         if not request.stream_options.include_usage:
