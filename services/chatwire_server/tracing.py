@@ -384,7 +384,11 @@ def relayed_generation(model: str, body: Mapping[str, Any]) -> Iterator[Generati
 
 
 @contextlib.contextmanager
-def _generation(model: str, attributes: Any, messages: Any, *, relayed: bool) -> Iterator[Generation | None]:
+def _generation(
+    model: str, attributes: Callable[[], dict[str, Any]], messages: Callable[[], Any], *, relayed: bool
+) -> Iterator[Generation | None]:
+    """The `chat <model>` span around a completion; its request `attributes` and `messages` (recorded only when
+    message content is) are read when the span is made."""
     call = _CALL.get()
     if _TRACING is None or call is None:
         yield None
