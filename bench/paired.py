@@ -76,11 +76,16 @@ def c16_tokens_per_s(_: str, client: httpx.Client) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def in_turns(clients: dict[str, httpx.Client], probes: dict[str, Probe], rounds: int) -> dict[str, dict[str, list]]:
-    """Each probe's samples per stack: every round runs each probe on both stacks, in alternating order."""
-    for name, client in clients.items():  # warm: connections open, prompt cached
+def warm(clients: dict[str, httpx.Client]) -> None:
+    """Before measuring: connections open, the probes' prompt cached."""
+    for name, client in clients.items():
         for _ in range(5):
             first_token_s(name, client)
+
+
+def in_turns(clients: dict[str, httpx.Client], probes: dict[str, Probe], rounds: int) -> dict[str, dict[str, list]]:
+    """Each probe's samples per stack (after `warm`): every round runs each probe on both stacks, in alternating
+    order."""
     samples: dict[str, dict[str, list[float]]] = {name: {probe: [] for probe in probes} for name in clients}
     for round_ in range(rounds):
         for name in list(clients)[:: 1 if round_ % 2 else -1]:

@@ -29,6 +29,7 @@ from paired import (
     in_turns,
     p50_ms,
     two_stacks,
+    warm,
 )
 
 # About 1,200 tokens, made new for each request (the prefix cache would answer a repeated one).
@@ -58,6 +59,7 @@ def main() -> None:
             name: running.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{s.ports.http}", timeout=300))
             for name, s in (("fast", fast), ("reference", reference))
         }
+        warm(clients)
         short = in_turns(clients, {"ttft": first_token_s, "c1": c1_tokens_per_s}, 20)
         long = in_turns(clients, {"long": long_prompt_s}, 6)
         c16 = in_turns(clients, {"c16": c16_tokens_per_s}, 4)

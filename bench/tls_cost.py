@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from chatwire_server.edge.certs import write_local_set
-from paired import C16_TOKENS, c16_tokens_per_s, first_token_s, in_turns, one_token_s, p50_ms, publish, two_stacks
+from paired import C16_TOKENS, c16_tokens_per_s, first_token_s, in_turns, one_token_s, p50_ms, publish, two_stacks, warm
 
 ROUNDS = 200
 C16_ROUNDS = 3
@@ -67,6 +67,7 @@ def main() -> None:
         def connect(name: str, _: httpx.Client) -> float:
             return connect_s(ports[name], verify if name == "tls" else None)
 
+        warm(clients)
         samples = in_turns(clients, {"ttft": first_token_s, "one_token": one_token_s, "connect": connect}, ROUNDS)
         c16 = in_turns(clients, {"c16": c16_tokens_per_s}, C16_ROUNDS)
     figures = {

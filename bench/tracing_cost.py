@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from chatwire_server.edge import stack
-from paired import C16_TOKENS, c16_tokens_per_s, first_token_s, in_turns, one_token_s, p50_ms, publish, two_stacks
+from paired import C16_TOKENS, c16_tokens_per_s, first_token_s, in_turns, one_token_s, p50_ms, publish, two_stacks, warm
 
 ROUNDS = 200
 C16_ROUNDS = 6
@@ -53,6 +53,7 @@ def main() -> None:
             name: running.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{s.ports.http}", timeout=120))
             for name, s in (("off", off), ("on", on))
         }
+        warm(clients)
         samples = in_turns(clients, {"models": models_s, "ttft": first_token_s, "one_token": one_token_s}, ROUNDS)
         c16 = {name: values["c16"] for name, values in in_turns(clients, {"c16": c16_tokens_per_s}, C16_ROUNDS).items()}
         time.sleep(3)  # the last batches of spans
