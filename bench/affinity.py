@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +37,7 @@ from google.protobuf import json_format
 import chatwire_client
 import report
 from chatwire.v1 import chat_completion_pb2, chat_service_pb2_grpc
-from chatwire_server.edge import envoy_tracing, stack
+from chatwire_server.edge import stack
 
 MODEL = "smollm2-135m-instruct"
 REPLICAS = 3
@@ -163,7 +162,7 @@ class InFlight:
     """Samples Envoy's requests in flight per replica (summed over its clusters) every 100 ms."""
 
     def __init__(self, admin_port: int) -> None:
-        self._url = f"http://127.0.0.1:{admin_port}/clusters"
+        self._admin_port = admin_port
         self._stop = threading.Event()
         self.samples: list[list[int]] = []
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -171,14 +170,10 @@ class InFlight:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
-            with urllib.request.urlopen(self._url, timeout=2) as reply:
-                lines = reply.read().decode().splitlines()
             per_host: dict[str, int] = {}
-            for line in lines:
-                parts = line.split("::")
-                # The replicas' hosts (not the trace collector's).
-                if len(parts) == 4 and parts[2] == "rq_active" and parts[0] != envoy_tracing.CLUSTER:
-                    per_host[parts[1]] = per_host.get(parts[1], 0) + int(parts[3])
+            for hosts in stack.replica_hosts(self._admin_port, "rq_active", timeout=2).values():
+                for address, active in hosts.items():
+                    per_host[address] = per_host.get(address, 0) + int(active)
             self.samples.append(sorted(per_host.values()))
 
     def stop(self) -> dict[str, float]:

@@ -282,20 +282,25 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
     raise TimeoutError(f"envoy not ready after {timeout:.0f}s")
 
 
-def healthy_replicas(admin_port: int) -> dict[str, list[str]]:
-    """Per Envoy cluster of replicas, the addresses of those its health checks pass (from the admin `/clusters`;
-    the trace collector's cluster is not one)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as reply:
+def replica_hosts(admin_port: int, stat: str, timeout: float = 1) -> dict[str, dict[str, str]]:
+    """Per Envoy cluster of replicas, each replica's address and its `stat` (`health_flags`, `rq_active`...), from
+    the admin `/clusters` (whose host lines read cluster::address::stat::value); the trace collector's cluster is
+    not one."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=timeout) as reply:
         lines = reply.read().decode().splitlines()
-    healthy: dict[str, list[str]] = {}
-    for line in lines:  # host lines: cluster::address::health_flags::healthy (or the flags that fail it)
+    hosts: dict[str, dict[str, str]] = {}
+    for line in lines:
         parts = line.split("::")
-        if len(parts) == 4 and parts[2] == "health_flags" and parts[0] != envoy_tracing.CLUSTER:
-            cluster, address, _, flags = parts
-            healthy.setdefault(cluster, [])
-            if flags == "healthy":
-                healthy[cluster].append(address)
-    return healthy
+        if len(parts) == 4 and parts[2] == stat and parts[0] != envoy_tracing.CLUSTER:
+            cluster, address, _, value = parts
+            hosts.setdefault(cluster, {})[address] = value
+    return hosts
+
+
+def healthy_replicas(admin_port: int) -> dict[str, list[str]]:
+    """Per Envoy cluster of replicas, the addresses of those its health checks pass."""
+    hosts = replica_hosts(admin_port, "health_flags")
+    return {cluster: [a for a, flags in flags_of.items() if flags == "healthy"] for cluster, flags_of in hosts.items()}
 
 
 def wait_for_replicas(
