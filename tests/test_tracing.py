@@ -75,6 +75,7 @@ def receiver() -> Iterator[Listening]:
     listening.stop()
 
 
+@contextlib.contextmanager
 def traced_stack(
     request: pytest.FixtureRequest,
     listening: Listening | str,
@@ -97,7 +98,8 @@ def traced_stack(
 def upstream(request: pytest.FixtureRequest, receiver: Listening) -> Iterator[Stack]:
     """A second chatwire that traces too (the edge over HTTP, the server over gRPC), recording message content."""
     more = {"OTEL_SERVICE_NAME": "upstream", "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
-    yield from traced_stack(request, receiver, "http/protobuf", "grpc", **more)
+    with traced_stack(request, receiver, "http/protobuf", "grpc", **more) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,8 @@ def traced(
     relay = f'\n[[models]]\nid = "{RELAYED}"\nengine = "openai"\n[models.settings]\n'
     relay += f'base_urls = ["{upstream.base_url}"]\nmodel = "{MODEL}"\n'
     config.write_text(stack.DEFAULT_CONFIG.read_text() + relay)
-    yield from traced_stack(request, receiver, "grpc", "http/protobuf", config)
+    with traced_stack(request, receiver, "grpc", "http/protobuf", config) as running:
+        yield running
 
 
 def chat(running: Stack, header: str, **body: object) -> httpx.Response:
@@ -349,7 +352,8 @@ def sampled_stack(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, Recei
     listening = Listening(Receiver(), stack.free_port(), stack.free_port())
     ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
     try:
-        yield from ((s, listening.receiver) for s in traced_stack(request, listening, "grpc", "grpc", **ratio))
+        with traced_stack(request, listening, "grpc", "grpc", **ratio) as running:
+            yield running, listening.receiver
     finally:
         listening.stop()
 
@@ -374,7 +378,7 @@ def test_a_slow_or_missing_collector_never_delays_a_reply(request: pytest.Fixtur
     # Down: nothing listens where the spans go.
     where: Listening | str = listening if collector == "slow" else f"http://127.0.0.1:{stack.free_port()}"
     try:
-        for running in traced_stack(request, where, "grpc", "grpc"):
+        with traced_stack(request, where, "grpc", "grpc") as running:
             slowest = 0.0
             for _ in range(12):
                 started = time.monotonic()
