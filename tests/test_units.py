@@ -418,3 +418,30 @@ def test_local_engines_read_text_only(tmp_path: Path) -> None:
     config.write_text('[[models]]\nid = "m"\nengine = "scripted"\ninput = ["text", "image"]\n')
     with pytest.raises(ValueError, match="reads text only"):
         ModelRegistry.from_config(config)
+
+
+def test_batch_invariance_refuses_a_llama_cpp_without_the_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatwire_server.engines import llama_cpp as engine
+
+    # A real library of the same build that lacks the kernel's marker, as a stock llama-cpp-python's ggml-cpu would.
+    monkeypatch.setattr(engine, "GGML_CPU_LIBRARY", engine.GGML_CPU_LIBRARY.with_name("libggml-base.so"))
+    monkeypatch.setattr(engine, "_process_batch_invariant", None)
+    monkeypatch.setenv(engine.BATCH_INVARIANT_ENV, "")
+    with pytest.raises(ValueError, match="chatwire's patch"):
+        engine.set_batch_invariant_attention(True)
+    engine.set_batch_invariant_attention(False)  # off needs nothing from the build
+    assert os.environ[engine.BATCH_INVARIANT_ENV] == "0"
+
+
+def test_models_in_one_process_must_agree_on_batch_invariance(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatwire_server.engines import llama_cpp as engine
+
+    monkeypatch.setattr(engine, "_process_batch_invariant", None)
+    monkeypatch.setenv(engine.BATCH_INVARIANT_ENV, "")
+    engine.set_batch_invariant_attention(True)  # make's build has the kernel
+    assert os.environ[engine.BATCH_INVARIANT_ENV] == "1"
+    engine.set_batch_invariant_attention(True)
+    with pytest.raises(ValueError, match="alike"):
+        engine.set_batch_invariant_attention(False)
+    assert engine.EngineSettings().batch_invariant
+    assert not engine.EngineSettings.from_settings({"batch_invariant": False}).batch_invariant

@@ -90,6 +90,11 @@ class EngineSettings:
     # a prefix costs about 1/8500 of evaluating it again (measured here), so it is kept while the rent paid stays
     # under an eighth of that price (docs/performance.md, "The prefix cache's rent").
     prefix_cache_idle_tokens: int = 1024
+    # Batch-invariant attention: a sequence's logits depend on its own tokens only, never on the other requests
+    # in the batch or the cache, so the same request and seed give the same reply under any load (the kernel is
+    # chatwire's patch of llama.cpp, built by `make`; docs/performance.md, "Batch invariance"). Off trades that
+    # for faster evaluation of long prompts.
+    batch_invariant: bool = True
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
@@ -107,6 +112,29 @@ def resolve_model_path(settings: dict[str, Any]) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"Python package {package!r} holding the model is not installed")
     return Path(spec.submodule_search_locations[0]) / settings["model_file"]
+
+
+# ggml's CPU flash attention reads this on every call, so it holds for the whole process: each model's worker
+# process has its own, and models run in one process (`in_process = true`) must agree.
+BATCH_INVARIANT_ENV = "GGML_CPU_BATCH_INVARIANT"
+# ggml's CPU backend, as llama-cpp-python ships it (already loaded by llama_cpp).
+GGML_CPU_LIBRARY = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+_process_batch_invariant: bool | None = None
+
+
+def set_batch_invariant_attention(on: bool) -> None:
+    """Switch this process's llama.cpp to (or off) the batch-invariant attention kernel, which only chatwire's
+    build has: a stock llama-cpp-python would silently stay batch-dependent, so it is refused."""
+    global _process_batch_invariant
+    if _process_batch_invariant is not None and _process_batch_invariant != on:
+        raise ValueError("models run in one process must all set batch_invariant alike")
+    if on and not hasattr(ctypes.CDLL(str(GGML_CPU_LIBRARY)), "ggml_cpu_has_batch_invariant_attention"):
+        raise ValueError(
+            "batch_invariant needs llama.cpp built with chatwire's patch (`make install` builds it); "
+            "or set batch_invariant = false for this model"
+        )
+    os.environ[BATCH_INVARIANT_ENV] = "1" if on else "0"
+    _process_batch_invariant = on
 
 
 @dataclass(frozen=True)
@@ -200,6 +228,9 @@ class LlamaCppEngine:
         ctx_params.kv_unified = True  # sequences share cells: copied prompts and cached prefixes cost nothing
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
+        set_batch_invariant_attention(settings.batch_invariant)
+        if settings.batch_invariant:
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # the patched kernel is FA's
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             raise ValueError("llama.cpp could not create a context")
