@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import random
 import re
 import signal
 import subprocess
@@ -28,6 +30,9 @@ from chatwire_server.edge import stack
 from chatwire_server.server import default_replica_name
 
 MODEL = "smollm2-135m-instruct"
+# CHATWIRE_TEST_SHUFFLE=<seed>: run the collected tests in a shuffled order (a check that none depends on another's
+# leftovers, such as what the engine's prefix cache holds).
+SHUFFLE_SEED = os.environ.get("CHATWIRE_TEST_SHUFFLE")
 # Every end-of-generation token of the model banned: a reply runs to max_tokens (banning <|im_end|> alone still
 # let a sampled <|endoftext|> end one now and then).
 NO_END_BIAS = {"0": -100, "2": -100, "4": -100}
@@ -280,6 +285,22 @@ def run_stack(
     finally:
         if request.session.testsfailed:
             _dump_logs(*(r.log for r in servers), running.envoy_log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With CHATWIRE_TEST_SHUFFLE: the files in a shuffled order, and each file's tests shuffled (a file's tests
+    stay together, so that its module-scoped fixtures start once)."""
+    if SHUFFLE_SEED is None:
+        return
+    shuffle = random.Random(SHUFFLE_SEED).shuffle
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(files.values())
+    shuffle(groups)
+    for group in groups:
+        shuffle(group)
+    items[:] = [item for group in groups for item in group]
 
 
 @pytest.fixture(scope="session")
