@@ -1,5 +1,6 @@
 """Two stacks of one replica measured in turns, so that both see the same minutes of the machine: the baseline
-and one started with extra settings (TLS, tracing). Shared by bench/tls_cost.py and bench/tracing_cost.py."""
+and one started with extra settings (TLS, tracing, a model setting). Shared by bench/tls_cost.py,
+bench/tracing_cost.py and bench/batch_invariance_cost.py."""
 
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ Probe = Callable[[str, httpx.Client], float]
 
 
 @contextlib.contextmanager
-def two_stacks(work: Path, names: tuple[str, str], env: dict[str, str]) -> Iterator[tuple[Any, Any]]:
-    """The baseline stack `names[0]`, and `names[1]` whose servers and Envoy start with `env` as well."""
+def two_stacks(
+    work: Path, names: tuple[str, str], env: dict[str, str], config: Path = stack.DEFAULT_CONFIG
+) -> Iterator[tuple[Any, Any]]:
+    """The baseline stack `names[0]`, and `names[1]` whose servers and Envoy start with `env` as well, serving the
+    models of `config`."""
     with contextlib.ExitStack() as running:
         baseline = running.enter_context(stack.launched(work, names[0], 1))
         os.environ.update(env)  # the second stack (its servers and Envoy) reads them
         try:
-            other = running.enter_context(stack.launched(work, names[1], 1))
+            other = running.enter_context(stack.launched(work, names[1], 1, config=config))
         finally:
             for name in env:
                 os.environ.pop(name)

@@ -230,6 +230,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _first_waves(results)
     lines += _tls(results)
     lines += _tracing(results)
+    lines += _batch_invariance(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
@@ -341,6 +342,11 @@ def _tls(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _met(ok: bool) -> str:
+    """A goal's verdict in the report."""
+    return "met" if ok else "**not met**"
+
+
 def _tracing(results: dict[str, Any]) -> list[str]:
     """OpenTelemetry traces at 100 % sampling against tracing off (bench/tracing_cost.py), with issue 25's goals."""
     run = results.get("tracing")
@@ -356,9 +362,6 @@ def _tracing(results: dict[str, Any]) -> list[str]:
     first = on["ttft_p50_ms"] - off["ttft_p50_ms"]
     c16 = run["c16_ratio_median"] - 1
 
-    def met(ok: bool) -> str:
-        return "met" if ok else "**not met**"
-
     return [
         "## Tracing",
         "",
@@ -373,8 +376,47 @@ def _tracing(results: dict[str, Any]) -> list[str]:
         *rows,
         "",
         f"Goals: edge overhead under 0.5 ms: {edge:+.2f} ms per request, {first:+.2f} ms at the first token "
-        f"({met(edge < 0.5 and first < 0.5)}); c16 throughput within 2 %: {100 * c16:+.1f}%, the median of the "
-        f"rounds' on/off ratios ({met(c16 > -0.02)}).",
+        f"({_met(edge < 0.5 and first < 0.5)}); c16 throughput within 2 %: {100 * c16:+.1f}%, the median of the "
+        f"rounds' on/off ratios ({_met(c16 > -0.02)}).",
+        "",
+    ]
+
+
+def _batch_invariance(results: dict[str, Any]) -> list[str]:
+    """The batch-invariant attention kernel against llama.cpp's own (bench/batch_invariance_cost.py), with issue
+    26's goals."""
+    run = results.get("batch_invariance")
+    if not run:
+        return []
+    rows = [
+        f"| {label} | {m['c1_tokens_per_s']:.1f} | {m['c4_tokens_per_s']:.1f} | {m['c16_tokens_per_s']:.1f} | "
+        f"{m['long_prompt_p50_s']:.2f} | {m['differing_under_load']}/{run['probes']} |"
+        for label, m in (
+            ("on (`batch_invariant = true`, the default)", run["modes"]["invariant"]),
+            ("off (llama.cpp's kernels)", run["modes"]["stock"]),
+        )
+    ]
+    ratios = run["ratios"]
+
+    return [
+        "## Batch invariance",
+        "",
+        f"One replica behind the edge with the batch-invariant attention kernel (on) against one with llama.cpp's "
+        f"own kernels (off), two stacks measured in turns (rounds: "
+        f"{', '.join(f'{probe} {count}' for probe, count in run['rounds'].items())}), {run['date']}, {run['cpu']}. "
+        f"cN: N streams of {run['stream_tokens']} tokens at once; long: a new ~1,200-token prompt and one token; "
+        f"differing: of {run['probes']} requests ({run['probe_tokens']} tokens; greedy with logprobs, and seeded at "
+        f"temperature 0.9), the replies (text or logprobs) that changed when sent again beside "
+        f"{run['load_streams']} other streams. `python bench/batch_invariance_cost.py` (part of `make bench`).",
+        "",
+        "| attention | c1 tokens/s | c4 tokens/s | c16 tokens/s | long prompt p50 s | differing under load |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"On/off, the median of the rounds' ratios: c1 {ratios['c1']:.3f}, c4 {ratios['c4']:.3f}, c16 "
+        f"{ratios['c16']:.3f}, long-prompt time {ratios['long']:.3f}. Goals: c1 within 5 % "
+        f"({_met(ratios['c1'] > 0.95)}), c16 within 10 % ({_met(ratios['c16'] > 0.9)}), no reply differing under "
+        f"load ({_met(run['modes']['invariant']['differing_under_load'] == 0)}).",
         "",
     ]
 

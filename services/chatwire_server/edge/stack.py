@@ -352,12 +352,16 @@ class Launched:
 
 @contextlib.contextmanager
 def launched(
-    logs: Path, name: str, replicas: int = 1, envoy_config: Callable[[str], str] | None = None
+    logs: Path,
+    name: str,
+    replicas: int = 1,
+    envoy_config: Callable[[str], str] | None = None,
+    config: Path = DEFAULT_CONFIG,
 ) -> Iterator[Launched]:
-    """`replicas` servers with the default model behind Envoy on free ports, each ready (Envoy seeing every
-    replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log; `envoy_config` may rewrite
-    the rendered Envoy config (a variant to compare). For the benchmarks: the tests have their own fixtures, `make
-    run` supervises its processes."""
+    """`replicas` servers with the models of `config` (the default model) behind Envoy on free ports, each ready
+    (Envoy seeing every replica healthy); stopped afterwards, side by side. Logs go to `logs`/`name`-*.log;
+    `envoy_config` may rewrite the rendered Envoy config (a variant to compare). For the benchmarks: the tests have
+    their own fixtures, `make run` supervises its processes."""
     more = tuple((free_port(), free_port()) for _ in range(replicas - 1))
     ports = Ports(
         http=free_port(),
@@ -367,19 +371,19 @@ def launched(
         grpc_edge=free_port(),
         more_replicas=more,
     )
-    config = logs / f"{name}-envoy.yaml"
+    envoy_yaml = logs / f"{name}-envoy.yaml"
     rendered = render_envoy_config(ports, sds_dir=logs / f"{name}-sds")
-    config.write_text(envoy_config(rendered) if envoy_config else rendered)
+    envoy_yaml.write_text(envoy_config(rendered) if envoy_config else rendered)
     with contextlib.ExitStack() as files:
 
         def open_log(suffix: str) -> IO[bytes]:
             return files.enter_context((logs / f"{name}-{suffix}.log").open("wb"))
 
         servers = [
-            start_server(grpc, open_log(f"server-{i}"), metrics_port=metrics, env=replica_env(replicas))
+            start_server(grpc, open_log(f"server-{i}"), config=config, metrics_port=metrics, env=replica_env(replicas))
             for i, (grpc, metrics) in enumerate(ports.replicas)
         ]
-        envoy = start_envoy(config, ports.admin, open_log("envoy"))
+        envoy = start_envoy(envoy_yaml, ports.admin, open_log("envoy"))
         try:
             for (grpc, _), server in zip(ports.replicas, servers, strict=True):
                 wait_for_server(grpc, server)
