@@ -87,11 +87,15 @@ class Case:
     # The prompt (all but its last token) evaluated for another sequence beside a 300-token prompt, then copied:
     # a cached prefix whose cells another batch computed.
     reused_prefix: bool = False
+    # The reply's tokens evaluated this many at a time, as speculative decoding verifies a draft (the draft: the
+    # greedy reply of the alone run, so every token is accepted): each row must equal the one-token step's.
+    verify: int = 0
     threads: int | None = None
 
 
-def evaluate(model: Model, case: Case, prompt: list[int], other: list[int]) -> list[np.ndarray]:
-    """Sequence 0's logits rows: the prompt's last, then one per greedily decoded token."""
+def evaluate(model: Model, case: Case, prompt: list[int], other: list[int], draft: list[int]) -> list[np.ndarray]:
+    """Sequence 0's logits rows: the prompt's last, then one per greedily decoded token (`draft`'s, in batches of
+    `case.verify` when set)."""
     context = Context(model, case.threads or model.threads)
     try:
         step = case.chunk or len(prompt)
@@ -119,7 +123,12 @@ def evaluate(model: Model, case: Case, prompt: list[int], other: list[int]) -> l
         for k in range(case.decode_beside):
             context.decode([(t, p, 3 + k, False) for p, t in enumerate(other[:8])])
         pos = len(prompt)
-        for g in range(GENERATED):
+        for start in range(0, GENERATED if case.verify else 0, case.verify or 1):
+            tokens = draft[start : start + case.verify]
+            context.decode([(t, pos + i, 0, True) for i, t in enumerate(tokens)])
+            rows.extend(context.logits(i) for i in range(len(tokens)))
+            pos += len(tokens)
+        for g in range(0 if case.verify else GENERATED):
             token = int(np.argmax(rows[-1]))
             others = [(other[g % len(other)], 8 + g, 3 + k, True) for k in range(case.decode_beside)]
             context.decode([*others, (token, pos, 0, True)])
@@ -143,6 +152,8 @@ CASES: dict[str, Case] = {
     "480 other cells between, one thread": Case(cells_between=480, threads=1),
     "the reply's cells before the prompt's": Case(hole_before=100),
     "the prompt's cells from another batch": Case(reused_prefix=True),
+    "the reply verified 4 tokens per step": Case(verify=4),
+    "the reply verified 12 tokens in one step": Case(verify=12),
 }
 
 
@@ -165,10 +176,11 @@ def main() -> None:
     baselines = []
     for mode in ("0", "1"):
         os.environ[BATCH_INVARIANT_ENV] = mode  # read by ggml on every call
-        baseline = evaluate(model, Case(), prompt, other)
+        baseline = evaluate(model, Case(), prompt, other, [])
         baselines.append(baseline)
+        draft = [int(np.argmax(row)) for row in baseline[:-1]]
         for name, case in CASES.items():
-            rows = evaluate(model, case, prompt, other)
+            rows = evaluate(model, case, prompt, other, draft)
             differences = [float(np.max(np.abs(a - b))) for a, b in zip(baseline, rows, strict=True)]
             identical = sum(d == 0 for d in differences)
             results[name].append(f"{identical:2d}/13, largest difference {max(differences):<6.3g}")
