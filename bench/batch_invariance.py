@@ -123,12 +123,14 @@ def evaluate(model: Model, case: Case, prompt: list[int], other: list[int], draf
         for k in range(case.decode_beside):
             context.decode([(t, p, 3 + k, False) for p, t in enumerate(other[:8])])
         pos = len(prompt)
-        for start in range(0, GENERATED if case.verify else 0, case.verify or 1):
-            tokens = draft[start : start + case.verify]
-            context.decode([(t, pos + i, 0, True) for i, t in enumerate(tokens)])
-            rows.extend(context.logits(i) for i in range(len(tokens)))
-            pos += len(tokens)
-        for g in range(0 if case.verify else GENERATED):
+        if case.verify:
+            for start in range(0, GENERATED, case.verify):
+                tokens = draft[start : start + case.verify]
+                context.decode([(t, pos + i, 0, True) for i, t in enumerate(tokens)])
+                rows.extend(context.logits(i) for i in range(len(tokens)))
+                pos += len(tokens)
+            return rows
+        for g in range(GENERATED):
             token = int(np.argmax(rows[-1]))
             others = [(other[g % len(other)], 8 + g, 3 + k, True) for k in range(case.decode_beside)]
             context.decode([*others, (token, pos, 0, True)])

@@ -30,9 +30,8 @@ from typing import Any
 import httpx
 
 from chatwire_server.edge import stack
-from paired import HI, MODEL, NO_END, Probe, carries_token, in_turns, publish, two_stacks, warm
+from paired import MODEL, STREAM_TOKENS, in_turns, publish, streams_per_s, two_stacks, warm
 
-STREAM_TOKENS = 64
 ROUNDS = {"c1": 8, "c4": 4, "c16": 4, "long": 4}
 # About 1,200 tokens, made new for each request (the prefix cache would answer a repeated one).
 LONG = "Summarize: " + "The sea and the wind tell stories of sailors. " * 120
@@ -44,23 +43,6 @@ TOPICS = (
 )  # fmt: skip
 LOAD_STREAMS = 8
 PROBE_TOKENS = 24
-
-
-def streams_per_s(streams: int) -> Probe:
-    """Tokens per second of `streams` streams of STREAM_TOKENS tokens at once."""
-    body = {"model": MODEL, "messages": HI, "max_tokens": STREAM_TOKENS, "stream": True, "logit_bias": NO_END}
-
-    def measure(_: str, client: httpx.Client) -> float:
-        def stream(_: int) -> int:
-            with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-                return sum(1 for line in reply.iter_lines() if carries_token(line))
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(streams) as pool:
-            tokens = sum(pool.map(stream, range(streams)))
-        return tokens / (time.perf_counter() - started)
-
-    return measure
 
 
 def long_prompt_s(_: str, client: httpx.Client) -> float:
@@ -98,7 +80,8 @@ def load(client: httpx.Client) -> Iterator[None]:
 
     def stream() -> None:
         while not done.is_set():
-            story = f"Tell a long story about {TOPICS[next(counter) % len(TOPICS)]}, number {next(counter)}."
+            number = next(counter)
+            story = f"Tell a long story about {TOPICS[number % len(TOPICS)]}, number {number}."
             body = {"model": MODEL, "messages": [{"role": "user", "content": story}], "max_tokens": 48, "stream": True}
             with client.stream("POST", "/v1/chat/completions", json=body) as answer:
                 for _ in answer.iter_lines():
@@ -159,7 +142,7 @@ def main() -> None:
             statistics.median(a / b for a, b in zip(samples["invariant"][probe], samples["stock"][probe], strict=True)),
             3,
         )
-        for probe in ("c1", "c4", "c16", "long")
+        for probe in ROUNDS
     }
     section = {
         "rounds": ROUNDS,

@@ -22,7 +22,7 @@ from chatwire_server.edge import stack
 MODEL = "smollm2-135m-instruct"
 HI = [{"role": "user", "content": "Hi"}]
 NO_END = {"0": -100, "2": -100, "4": -100}
-C16_TOKENS = 64
+STREAM_TOKENS = 64
 # A probe: one timed request (seconds) on a stack's client, by the stack's name.
 Probe = Callable[[str, httpx.Client], float]
 
@@ -67,17 +67,24 @@ def one_token_s(_: str, client: httpx.Client) -> float:
     return time.perf_counter() - started
 
 
-def c16_tokens_per_s(_: str, client: httpx.Client) -> float:
-    body = {"model": MODEL, "messages": HI, "max_tokens": C16_TOKENS, "stream": True, "logit_bias": NO_END}
+def streams_per_s(streams: int) -> Probe:
+    """Tokens per second of `streams` streams of STREAM_TOKENS tokens each, all at once."""
+    body = {"model": MODEL, "messages": HI, "max_tokens": STREAM_TOKENS, "stream": True, "logit_bias": NO_END}
 
-    def stream(_: int) -> int:
-        with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-            return sum(1 for line in reply.iter_lines() if carries_token(line))
+    def measure(_: str, client: httpx.Client) -> float:
+        def stream(_: int) -> int:
+            with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+                return sum(1 for line in reply.iter_lines() if carries_token(line))
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        tokens = sum(pool.map(stream, range(16)))
-    return tokens / (time.perf_counter() - started)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            tokens = sum(pool.map(stream, range(streams)))
+        return tokens / (time.perf_counter() - started)
+
+    return measure
+
+
+c16_tokens_per_s = streams_per_s(16)
 
 
 def warm(clients: dict[str, httpx.Client]) -> None:

@@ -25,7 +25,17 @@ from pathlib import Path
 import httpx
 
 from chatwire_server.edge import stack
-from paired import C16_TOKENS, c16_tokens_per_s, first_token_s, in_turns, one_token_s, p50_ms, publish, two_stacks, warm
+from paired import (
+    STREAM_TOKENS,
+    c16_tokens_per_s,
+    first_token_s,
+    in_turns,
+    one_token_s,
+    p50_ms,
+    publish,
+    two_stacks,
+    warm,
+)
 
 ROUNDS = 200
 C16_ROUNDS = 6
@@ -71,7 +81,7 @@ def main() -> None:
     section = {
         "rounds": ROUNDS,
         "c16_rounds": C16_ROUNDS,
-        "c16_tokens": C16_TOKENS,
+        "c16_tokens": STREAM_TOKENS,
         "c16_ratio_median": round(statistics.median(ratios), 4),
         "spans_received": int(counts.read_text().split()[-1]),
         "modes": figures,
