@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from conftest import MODEL
+from conftest import MODEL, NO_END_BIAS
 
 # Long enough that the prompt's evaluation beside 8 decoding streams crosses 64 rows (llama.cpp's tiled kernel).
 SYSTEM = (
@@ -80,7 +80,7 @@ def load(client: openai.OpenAI) -> Iterator[None]:
             model=MODEL,
             messages=[{"role": "user", "content": f"Write a long essay about rivers, part {i} {uuid.uuid4()}."}],
             max_tokens=160,
-            logit_bias={"0": -100, "2": -100},  # no end of text: they run all along
+            logit_bias=NO_END_BIAS,  # no end of text: they run all along
             stream=True,
         )
         first = True
