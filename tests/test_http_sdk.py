@@ -166,7 +166,6 @@ def test_parameters_without_effect_here_are_accepted(client: openai.OpenAI) -> N
     "param, value",
     [
         ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
-        ("prediction", {"type": "content", "content": "x"}),
         ("audio", {"voice": "alloy", "format": "wav"}),
     ],
 )

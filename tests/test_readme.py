@@ -27,7 +27,7 @@ def on_test_ports(text: str, chatwire: Stack) -> str:
 
 
 def test_readme_has_examples() -> None:
-    assert len(CURL) == 3 and len(PYTHON) == 4
+    assert len(CURL) == 3 and len(PYTHON) == 5
 
 
 @pytest.mark.parametrize("example", CURL, ids=lambda body: body.split("\n")[0][:60])
@@ -46,7 +46,9 @@ def test_curl_examples(chatwire: Stack, example: str) -> None:
         assert_valid(json.loads(result.stdout), "CreateChatCompletionResponse")
 
 
-@pytest.mark.parametrize("example", PYTHON, ids=["openai-sdk", "same-seed-same-reply", "grpc-stub", "grpc-edge-helper"])
+@pytest.mark.parametrize(
+    "example", PYTHON, ids=["openai-sdk", "same-seed-same-reply", "predicted-outputs", "grpc-stub", "grpc-edge-helper"]
+)
 def test_python_examples(chatwire: Stack, example: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", on_test_ports(example, chatwire)],

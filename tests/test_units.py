@@ -445,3 +445,81 @@ def test_models_in_one_process_must_agree_on_batch_invariance(monkeypatch: pytes
         engine.set_batch_invariant_attention(False)
     assert engine.EngineSettings().batch_invariant
     assert not engine.EngineSettings.from_settings({"batch_invariant": False}).batch_invariant
+
+
+def test_prediction_alignment_counts_each_predicted_token_once() -> None:
+    from chatwire_server.engines.speculation import PredictionAligner
+
+    def counts(predicted: list[int], reply: list[int]) -> tuple[int, int]:
+        aligner = PredictionAligner(predicted)
+        for token in reply:
+            aligner.feed(token)
+        return aligner.accepted, aligner.rejected
+
+    assert counts([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == (5, 0)
+    assert counts([1, 2, 3, 4, 5], [1, 2, 3]) == (3, 2)  # cut short (max_tokens)
+    # A rename: the reply leaves the prediction at 3 and rejoins after it, realigned on the token they share.
+    assert counts([1, 2, 3, 9, 4, 5], [1, 2, 7, 9, 4, 5]) == (5, 1)
+    # Repeating a predicted passage uses its tokens once.
+    assert counts([1, 2, 3], [1, 2, 3, 1, 2, 3]) == (3, 0)
+    assert counts([], [1, 2]) == (0, 0)
+    assert counts([1, 2], [7, 8, 9]) == (0, 2)
+
+
+def test_prediction_drafts_follow_the_reply_and_realign() -> None:
+    from chatwire_server.engines.speculation import PredictionAligner
+
+    aligner = PredictionAligner([10, 11, 12, 13, 14, 15, 11, 16])
+    assert aligner.draft(3) == [10, 11, 12]
+    for token in (10, 11, 99):  # diverges where 12 was predicted
+        aligner.feed(token)
+    assert aligner.draft(4) == []  # 99 is nowhere in the prediction
+    aligner.feed(13)  # rejoins: what follows 13 comes next
+    assert aligner.draft(2) == [14, 15]
+    aligner.feed(50)
+    aligner.feed(11)  # 11 occurs twice: the one after where the reply left the prediction wins
+    assert aligner.draft(1) == [16]
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_tokens() -> None:
+    from chatwire_server.engines.speculation import PromptIndex, PromptLookup
+
+    lookup = PromptLookup(PromptIndex([5, 1, 2, 3, 4, 6, 7]))
+    assert lookup.draft(4) == []
+    lookup.feed(1)
+    lookup.feed(2)
+    assert lookup.draft(3) == [3, 4, 6]  # "1 2" is in the prompt
+    for token in (3, 8, 1, 2):
+        lookup.feed(token)
+    assert lookup.draft(2) == [3, 8]  # the reply's own "1 2" is the latest occurrence
+
+
+def test_draft_lengths_pay_for_their_rows() -> None:
+    from chatwire_server.engines.speculation import MAX_DRAFT, StepCost, plan_draft_lengths
+
+    cost = StepCost(fixed=0.006, per_row=0.004)
+    # A lone stream with a reliable draft verifies many tokens; with a poor one, none.
+    assert 8 <= plan_draft_lengths(1, 1, [(0.99, 100)], cost, 512)[0] <= MAX_DRAFT
+    assert 3 <= plan_draft_lengths(1, 1, [(0.9, 100)], cost, 512)[0] < 8
+    assert plan_draft_lengths(1, 1, [(0.2, 100)], cost, 512) == [0]
+    # Never more than the draft holds, nor past the batch.
+    assert plan_draft_lengths(1, 1, [(0.99, 3)], cost, 512) == [3]
+    assert sum(plan_draft_lengths(1, 1, [(0.99, 100), (0.99, 100)], cost, 6)) == 5
+    # A full batch (its rows keep the CPU busy already) takes only near-certain drafts, and fewer of them.
+    alone = plan_draft_lengths(1, 1, [(0.8, 100)], cost, 512)[0]
+    assert plan_draft_lengths(64, 64, [(0.8, 100)], cost, 512) == [0] and alone > 0
+    assert plan_draft_lengths(64, 64, [(0.995, 100)], cost, 512)[0] > 0
+
+
+def test_schema_properties_keep_the_required_order_whatever_the_struct_gave() -> None:
+    from chatwire_server import structured
+
+    schema = {
+        "type": "object",
+        "properties": {"c": {"type": "string"}, "a": {"type": "string"}, "b": {"type": "string"}, "z": {}},
+        "required": ["b", "c", "a"],
+    }
+    prepared = structured._prepared(schema)
+    assert list(prepared["properties"]) == ["b", "c", "a", "z"]
+    shuffled = {**schema, "properties": dict(reversed(list(schema["properties"].items())))}
+    assert structured._compiled(shuffled, "p") == structured._compiled(schema, "p")

@@ -209,6 +209,24 @@ def test_unary_relayed_with_our_contract(front: Stack, upstream: Stack) -> None:
     assert "upstream down" in front.server_log.read_text()  # the dead URL, passed over
 
 
+def test_prediction_relayed_untouched(front: Stack, upstream: Stack) -> None:
+    """`prediction` reaches the upstream as sent: its counts come back, the same as the upstream's own."""
+    prediction = {
+        "type": "content",
+        "content": [{"type": "text", "text": "Hello! How can I help "}, {"type": "text", "text": "you today?"}],
+    }
+    body = {"temperature": 0, "max_tokens": 16, "prediction": prediction}
+    relayed = post(front, **body)
+    assert relayed.status_code == 200, relayed.text
+    assert_valid(relayed.json(), "CreateChatCompletionResponse")
+    direct = post(upstream, UPSTREAM_KEY, model=MODEL, **body).json()
+    counts = ("accepted_prediction_tokens", "rejected_prediction_tokens")
+    details = relayed.json()["usage"]["completion_tokens_details"]
+    assert [details[c] for c in counts] == [direct["usage"]["completion_tokens_details"][c] for c in counts]
+    assert sum(details[c] for c in counts) > 0  # the upstream counted the prediction's tokens
+    assert relayed.json()["choices"][0]["message"] == direct["choices"][0]["message"]
+
+
 def test_stream_relayed_chunk_by_chunk(front: Stack, upstream: Stack) -> None:
     body = {"seed": 3, "temperature": 0, "max_tokens": 24, "stream": True, "stream_options": {"include_usage": True}}
     relayed = parse_sse(post(front, **body).text)

@@ -60,6 +60,9 @@ class ChatRequest:
     top_logprobs: int | None = None
     # Whether replies may contain tool calls to parse out.
     tool_calls: bool = False
+    # The text the reply is expected to be much like (OpenAI's Predicted Outputs): a guess that speeds decoding
+    # up where the reply follows it, never changing the reply.
+    prediction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class Finished:
     completion_tokens: int
     # Prompt tokens whose KV cells were reused from an earlier request.
     cached_tokens: int = 0
+    # Tokens of the request's prediction that appeared in this choice's reply, and those that did not.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
     # Where the time went, from engines that know (for traces).
     timings: Timings | None = None
 

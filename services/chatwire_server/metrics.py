@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class _EngineGauges(Collector):
     def watch(self, model: str, stats: Callable[[], dict[str, int]]) -> None:
         self._engines[model] = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         own = [
             ("chatwire_queued_requests", "Requests waiting for admission.", "queued_requests"),
             ("chatwire_running_requests", "Requests admitted and not yet finished.", "running_requests"),
@@ -86,6 +86,13 @@ class _EngineGauges(Collector):
         kv_text = "Share of KV cache cells held by requests in flight, 0 to 1 (evictable cached prefixes aside)."
         kv_own = GaugeMetricFamily("chatwire_kv_cache_usage_ratio", kv_text, labels=["model"])
         kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", kv_text, labels=["model_name"])
+        # Speculative decoding's draft tokens (a prediction's or prompt lookup's): their ratio is the acceptance.
+        drafted = CounterMetricFamily(
+            "chatwire_draft_tokens", "Draft tokens verified by speculative decoding.", labels=["model"]
+        )
+        accepted = CounterMetricFamily(
+            "chatwire_accepted_draft_tokens", "Draft tokens that speculative decoding kept.", labels=["model"]
+        )
         for model, stats in self._engines.items():
             try:
                 state = stats()
@@ -99,7 +106,9 @@ class _EngineGauges(Collector):
             waiting.add_metric([model], state["queued_requests"])
             running.add_metric([model], state["running_requests"])
             kv_usage.add_metric([model], kv_share)
-        yield from (*families, kv_own, waiting, running, kv_usage)
+            drafted.add_metric([model], state.get("draft_tokens", 0))
+            accepted.add_metric([model], state.get("accepted_draft_tokens", 0))
+        yield from (*families, kv_own, waiting, running, kv_usage, drafted, accepted)
 
 
 _ENGINE_GAUGES = _EngineGauges()

@@ -273,7 +273,7 @@ def _prepared(schema: Any) -> Any:
     closed = dict(schema)
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
-            closed[key] = {name: _prepared(sub) for name, sub in value.items()}
+            closed[key] = {name: _prepared(value[name]) for name in _in_order(value, schema.get("required"))}
         elif key in _SCHEMA_LISTS and isinstance(value, list):
             closed[key] = [_prepared(sub) for sub in value]
         elif key in ("items", "additionalProperties"):
@@ -287,6 +287,16 @@ def _prepared(schema: Any) -> Any:
         else:
             closed["pattern"] = calendar
     return closed
+
+
+def _in_order(names: dict[str, Any], required: Any) -> list[str]:
+    """An object's property names in the order its replies write them: those in `required` in its order, then the
+    rest by name. The JSON compiler emits properties in the order it reads them, and a schema that came through
+    gRPC as a `Struct` (a map) has lost its order, differently in every process: the same seeded request got
+    other JSON from every replica and restart. `required` is a list, so its order survives (strict schemas list
+    every property there)."""
+    rank = {name: i for i, name in enumerate(required)} if isinstance(required, list) else {}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
 
 
 def _compiled(schema: Any, param: str) -> dict[str, Any]:

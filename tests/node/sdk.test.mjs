@@ -236,3 +236,21 @@ test("models list and retrieve", async () => {
   assert.ok(Number.isInteger(model.created), `created ${model.created}`);
   assert.equal(typeof model.owned_by, "string");
 });
+
+test("predicted outputs", async () => {
+  // OpenAI's own example: the file is the prediction; the edited file comes back with the counts in usage.
+  const code = 'class User:\n    def __init__(self, name, email):\n        self.name = name\n        self.email = email\n';
+  const messages = [
+    { role: "system", content: "You are a code editor. Reply with the complete edited file and nothing else." },
+    { role: "user", content: "Replace every `name` with `username` in this file:\n\n```python\n" + code + "```" },
+  ];
+  const request = { model: MODEL, messages, max_tokens: 80, temperature: 0 };
+  const predicted = await client.chat.completions.create({ ...request, prediction: { type: "content", content: code } });
+  const plain = await client.chat.completions.create(request);
+  assert.equal(predicted.choices[0].message.content, plain.choices[0].message.content, "the prediction changed the reply");
+  const details = predicted.usage.completion_tokens_details;
+  assert.ok(details.accepted_prediction_tokens > 0, `accepted ${details.accepted_prediction_tokens}`);
+  assert.ok(details.rejected_prediction_tokens >= 0, `rejected ${details.rejected_prediction_tokens}`);
+  assert.equal(plain.usage.completion_tokens_details.accepted_prediction_tokens, 0);
+  assert.equal(predicted.usage.completion_tokens, plain.usage.completion_tokens);
+});

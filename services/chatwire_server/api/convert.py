@@ -65,6 +65,7 @@ def chat_request_from_proto(request: pb.CreateChatCompletionRequest) -> ChatRequ
         include_usage=request.stream_options.include_usage,
         top_logprobs=_top_logprobs(request),
         tool_calls=choice != "none",
+        prediction=_prediction(request),
     )
 
 
@@ -357,7 +358,6 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
         )
     unsupported = {
         "audio": request.HasField("audio"),
-        "prediction": request.HasField("prediction"),
         "web_search_options": request.HasField("web_search_options"),
         "moderation": request.HasField("moderation"),
     }
@@ -370,6 +370,40 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
         raise InvalidRequestError(
             "This model only produces text: 'modalities' may only contain 'text'.", param="modalities"
         )
+
+
+def _prediction(request: pb.CreateChatCompletionRequest) -> str | None:
+    """The predicted reply's text (a string, or text parts joined), None without a prediction."""
+    if not request.HasField("prediction"):
+        return None
+    prediction = request.prediction
+    if prediction.type != "content":
+        raise InvalidRequestError(
+            f"Invalid value for 'prediction.type': expected 'content', got {quote(prediction.type)}.",
+            param="prediction.type",
+            code="invalid_value",
+        )
+    kind = prediction.content.WhichOneof("kind")
+    if kind == "string_value":
+        return prediction.content.string_value
+    if kind != "list_value":
+        raise InvalidRequestError(
+            "Invalid type for 'prediction.content': expected a string or an array of text parts.",
+            param="prediction.content",
+            code="invalid_type",
+        )
+    texts = []
+    for j, value in enumerate(prediction.content.list_value.values):
+        where = f"prediction.content[{j}]"
+        kind = value.struct_value.fields["type"].string_value if value.HasField("struct_value") else "text"
+        if kind != "text":  # a refusal part is no prediction of the reply's text
+            raise InvalidRequestError(
+                f"Invalid content part '{where}': a prediction's parts are of type 'text'.",
+                param=where,
+                code="invalid_value",
+            )
+        texts.append(_part_text(where, value))
+    return "".join(texts)
 
 
 def _message_from_proto(index: int, message: pb.ChatCompletionRequestMessage) -> ChatMessage:
@@ -566,7 +600,9 @@ NULL = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
 
 
 def usage_to_proto(finished: list[Finished]) -> pb.CompletionUsage:
-    """Token counts of all choices; the prompt is counted once however many choices were generated."""
+    """Token counts of all choices; the prompt is counted once however many choices were generated. Rejected
+    prediction tokens are reported, not added to `completion_tokens`: that stays the replies' tokens, what
+    `max_completion_tokens` bounds, the same with or without a prediction (docs/design.md)."""
     prompt_tokens = finished[0].prompt_tokens if finished else 0
     completion_tokens = sum(f.completion_tokens for f in finished)
     return pb.CompletionUsage(
@@ -575,7 +611,11 @@ def usage_to_proto(finished: list[Finished]) -> pb.CompletionUsage:
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=finished[0].cached_tokens if finished else 0),
         # This model does not reason: every generated token is answer text.
-        completion_tokens_details=pb.CompletionTokensDetails(reasoning_tokens=0),
+        completion_tokens_details=pb.CompletionTokensDetails(
+            reasoning_tokens=0,
+            accepted_prediction_tokens=sum(f.accepted_prediction_tokens for f in finished),
+            rejected_prediction_tokens=sum(f.rejected_prediction_tokens for f in finished),
+        ),
     )
 
 

@@ -47,6 +47,14 @@ from chatwire_server.domain import (
     TokenLogprob,
 )
 from chatwire_server.engines.base import StepEvents
+from chatwire_server.engines.speculation import (
+    Acceptance,
+    PredictionAligner,
+    PromptIndex,
+    PromptLookup,
+    StepCost,
+    plan_draft_lengths,
+)
 from chatwire_server.engines.threads import ThreadTuner
 from chatwire_server.errors import TRY_ANOTHER_REPLICA, InvalidRequestError, RateLimitError, ServiceUnavailableError
 from chatwire_server.structured import GRAMMAR_LIMITS
@@ -95,6 +103,11 @@ class EngineSettings:
     # chatwire's patch of llama.cpp, built by `make`; docs/performance.md, "Batch invariance"). Off trades that
     # for faster evaluation of long prompts.
     batch_invariant: bool = True
+    # Speculative decoding: each step also verifies guessed next tokens (the request's `prediction`, else the
+    # tokens that followed the reply's last few in the prompt or the reply), as many as pay for the step's extra
+    # rows; replies are unchanged (engines/speculation.py, docs/performance.md "Speculative decoding"). Needs
+    # batch_invariant, and is off without it: llama.cpp's own kernels give a k-token step other logits.
+    speculation: bool = True
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> EngineSettings:
@@ -160,6 +173,8 @@ class _Job:
     sink: Callable[[StepEvents], None]
     # The grammar's matcher at the reply's start, when the request constrains replies; each choice gets a copy.
     matcher: LLMatcher | None = None
+    # The request's `prediction`, tokenized (special-token text stays text); None without one.
+    predicted: list[int] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled at admission.
     # Sequence ids still held (a finished choice gives its id back).
@@ -198,6 +213,12 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False
     done: bool = False
+    # Where the reply stands in the request's prediction (counted with or without speculation).
+    aligner: PredictionAligner | None = None
+    # Prompt-lookup drafts, for a request without a prediction when speculation is on.
+    lookup: PromptLookup | None = None
+    # How often its drafts have been accepted (None: it does not draft).
+    acceptance: Acceptance | None = None
 
 
 class LlamaCppEngine:
@@ -241,6 +262,14 @@ class LlamaCppEngine:
         self._batch_capacity = int(ctx_params.n_batch)
         # One request must fit the cells left after a batch of headroom.
         self._max_context = min(settings.max_context or train_ctx, self._cell_capacity())
+        # Without batch invariance a verified draft would change the reply, so there are none.
+        self._speculate = settings.speculation and settings.batch_invariant
+        # What a step costs, which decides how many draft tokens pay: measured by the scheduler thread before its
+        # first step (llama.cpp must only ever run on that thread: OpenMP keeps a team of threads per calling
+        # thread, and a second team made every step of the first take twice as long here).
+        self._step_cost: StepCost | None = None
+        # Draft tokens verified and accepted so far, for metrics.
+        self._drafted = self._draft_accepted = 0
 
         self._pieces: dict[int, bytes] = {}
         self._prompt_splitter = self._special_token_splitter()
@@ -306,6 +335,8 @@ class LlamaCppEngine:
             "kv_cells_used": self._live_cells(in_flight),
             "kv_cells_capacity": self._cell_capacity(),
             "steps": self._steps,
+            "draft_tokens": self._drafted,
+            "accepted_draft_tokens": self._draft_accepted,
         }
 
     def tokenize_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
@@ -349,12 +380,13 @@ class LlamaCppEngine:
             return None
         return re.compile("(?=" + "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)) + ")")
 
-    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
-        """Tokens of `text`, special tokens parsed (thread-safe: the vocabulary is read-only)."""
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Tokens of `text`, special tokens parsed unless `parse_special` is false (then `<|im_end|>` is plain
+        text). Thread-safe: the vocabulary is read-only."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         if count < 0:
             raise ValueError("tokenization overflow")
         return list(tokens[:count])
@@ -397,6 +429,12 @@ class LlamaCppEngine:
             prompt = self.tokenize_prompt(request.messages)
         else:
             prompt = await asyncio.to_thread(self.tokenize_prompt, request.messages)
+        predicted = None
+        if request.prediction is not None:  # the reply's text, as the model would write it: no special tokens
+            if len(request.prediction) <= INLINE_TOKENIZE_CHARS:
+                predicted = self.tokenize(request.prediction, parse_special=False)
+            else:
+                predicted = await asyncio.to_thread(self.tokenize, request.prediction, parse_special=False)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         if request.n * budget > self._settings.max_completion_budget:
             raise InvalidRequestError(
@@ -407,7 +445,7 @@ class LlamaCppEngine:
                 code="invalid_value",
             )
         matcher = await self._matcher(request.sampling.constraint) if request.sampling.constraint else None
-        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, tag, sink, matcher)
+        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, tag, sink, matcher, predicted)
         self._submit(job)
 
         def cancel() -> None:
@@ -484,6 +522,8 @@ class LlamaCppEngine:
     # --- the scheduler thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._speculate:
+            self._step_cost = self._measure_step_cost()
         while True:
             with self._lock:
                 while not (self._closing or self._queue or self._prefilling or self._running):
@@ -542,7 +582,6 @@ class LlamaCppEngine:
             n = self._add_token(n, seq.next_token, seq.pos, seq.seq_id, logits=True)
             seq.pos += 1
             rows.append((seq, n - 1))
-        decoding = n
         # Beside running streams, prompts advance a chunk per step, so a long prompt never stalls them for long.
         # Alone, or when more requests wait for their first token than sequences decode (a burst of arrivals),
         # prompts take the whole batch: evaluating them together is faster, and the many outweigh the few.
@@ -551,6 +590,15 @@ class LlamaCppEngine:
             room = self._batch_capacity - n
         else:
             room = min(self._settings.prefill_chunk, self._batch_capacity - n)
+        # Draft tokens go right after the sequences' own: each evaluated at the position after the one before.
+        prefill = min(room, sum(len(j.prompt) - j.prefill_pos for j in self._prefilling if id(j) not in waiting))
+        drafts: dict[int, tuple[list[int], int]] = {}  # id(sequence) -> (draft tokens, the first one's row)
+        for seq, draft in self._drafts(n, prefill):
+            drafts[id(seq)] = (draft, n)
+            for i, token in enumerate(draft):
+                n = self._add_token(n, token, seq.pos + i, seq.seq_id, logits=True)
+        decoding = n
+        room = min(room, self._batch_capacity - n)
         # Shortest remaining prompt first: a short request that arrives while a long prompt is evaluated gets its
         # first token at the next step, instead of after the whole long prompt (thousands of tokens of tools).
         prefilled: list[tuple[_Job, int]] = []  # prompts evaluated in this step, and how many of their tokens
@@ -590,10 +638,86 @@ class LlamaCppEngine:
         for owner, row in rows:
             if isinstance(owner, _Job):
                 self._start_decoding(owner, row)
+            elif id(owner) in drafts:
+                self._verify(owner, row, *drafts[id(owner)])
             elif not owner.done:  # a choice whose request failed in this step is done too
                 self._sample(owner, row)
         self._running = [s for s in self._running if not s.done]
         self._make_room_to_grow()
+
+    def _drafts(self, rows: int, prefill: int) -> list[tuple[_Sequence, list[int]]]:
+        """The draft tokens each running sequence verifies in this step of `rows` decode rows and `prefill`
+        prompt tokens: as many of each one's guesses as raise the step's expected tokens per second. Never past
+        its token budget, nor a token its grammar forbids."""
+        if self._step_cost is None:
+            return []
+        candidates = []
+        for seq in self._running:
+            limit = seq.job.budget - seq.generated - 1  # the step's own row samples one token already
+            if seq.acceptance is None or limit <= 0:
+                continue
+            source = seq.aligner or seq.lookup
+            assert source is not None
+            draft = source.draft(limit)
+            if draft and seq.matcher is not None:
+                draft = draft[: seq.matcher.validate_tokens(draft)]
+            if draft:
+                candidates.append((seq, draft, seq.acceptance.rate))
+        if not candidates:
+            return []
+        lengths = plan_draft_lengths(
+            rows + prefill,
+            rows,
+            [(rate, len(draft)) for _, draft, rate in candidates],
+            self._step_cost,
+            self._batch_capacity - prefill,
+        )
+        return [(seq, draft[:length]) for (seq, draft, _), length in zip(candidates, lengths, strict=True) if length]
+
+    def _verify(self, seq: _Sequence, row: int, draft: list[int], draft_row: int) -> None:
+        """Sample the sequence's row, then each draft row while the draft holds the token just sampled: each
+        accepted draft token was evaluated at its position already, so its row gives the next token's logits, as
+        a step of its own would. The cells of the draft tokens not accepted are freed."""
+        self._sample(seq, row)
+        accepted = 0
+        while accepted < len(draft) and not seq.done and seq.next_token == draft[accepted]:
+            self._sample(seq, draft_row + accepted)
+            accepted += 1
+            seq.pos += 1
+        if accepted < len(draft):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, seq.pos, -1)
+        assert seq.acceptance is not None
+        seq.acceptance.record(len(draft), accepted)
+        self._drafted += len(draft)
+        self._draft_accepted += accepted
+
+    @staticmethod
+    def _prior_acceptance(job: _Job) -> Acceptance:
+        """Before its first verification: a prediction is usually followed (an edit keeps most of the file), a
+        lookup starts at even odds, so it tries one token before it risks more."""
+        return Acceptance(accepted=4, rejected=0) if job.predicted is not None else Acceptance(0, 0)
+
+    def _measure_step_cost(self) -> StepCost:
+        """Time steps of 1 and 9 rows of a scratch sequence (the cache is empty: no step has run yet)."""
+
+        def step_seconds(rows: int) -> float:
+            for i in range(rows):
+                self._add_token(i, 0, i, 0, logits=True)
+            self._batch.n_tokens = rows
+            started = time.perf_counter()
+            if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+                raise RuntimeError("llama_decode failed while measuring the step cost")
+            seconds = time.perf_counter() - started
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
+            return seconds
+
+        step_seconds(9)  # the first step pays for allocations
+        one = min(step_seconds(1) for _ in range(3))
+        nine = min(step_seconds(9) for _ in range(3))
+        per_row = max((nine - one) / 8, 1e-6)
+        cost = StepCost(fixed=max(one - per_row, 0.0), per_row=per_row)
+        log.info("step cost measured", extra={"fixed_ms": cost.fixed * 1e3, "per_row_ms": cost.per_row * 1e3})
+        return cost
 
     def _add_token(self, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
         batch = self._batch
@@ -727,6 +851,7 @@ class LlamaCppEngine:
         first = job.seq_ids[0]
         for seq_id in job.seq_ids[1:]:
             llama_cpp.llama_memory_seq_cp(self._memory, first, seq_id, -1, -1)
+        lookup = PromptIndex(job.prompt) if self._speculate and job.predicted is None else None
         choices = [
             _Sequence(
                 job=job,
@@ -737,6 +862,9 @@ class LlamaCppEngine:
                 stops=StopMatcher(job.sampling.stop, job.sampling.stop_at_repeated_block),
                 utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
                 pos=len(job.prompt),
+                aligner=PredictionAligner(job.predicted) if job.predicted is not None else None,
+                lookup=PromptLookup(lookup) if lookup else None,
+                acceptance=self._prior_acceptance(job) if self._speculate else None,
             )
             for index, seq_id in enumerate(job.seq_ids)
         ]
@@ -764,6 +892,10 @@ class LlamaCppEngine:
             return
         seq.generated += 1
         seq.tokens.append(token)
+        if seq.aligner is not None:
+            seq.aligner.feed(token)
+        if seq.lookup is not None:
+            seq.lookup.feed(token)
         piece = self._piece(token)
         text, hit_stop = seq.stops.feed(seq.utf8.decode(piece))
         logprob = (logprobs(token, piece),) if logprobs else ()
@@ -831,6 +963,8 @@ class LlamaCppEngine:
                 prompt_tokens=len(job.prompt),
                 completion_tokens=seq.generated,
                 cached_tokens=job.cached_tokens,
+                accepted_prediction_tokens=seq.aligner.accepted if seq.aligner else 0,
+                rejected_prediction_tokens=seq.aligner.rejected if seq.aligner else 0,
                 timings=Timings(
                     job.queued_ns,
                     job.scheduled_ns,
