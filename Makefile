@@ -99,13 +99,14 @@ lint: setup $(BUF) ## buf lint the protos, ruff and mypy the Python
 	$(PY) -m mypy
 	test -z "$$($(GOFMT) -l clients/go)" || { $(GOFMT) -l clients/go; exit 1; }
 
-bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling, then replicas with and without affinity, then the first waves after start-up, then TLS against plaintext, then tracing against none, then batch-invariant attention against llama.cpp's; writes BENCHMARKS.md
+bench: $(SERVING) $(VENV)/.bench-installed $(LLAMA_SERVER) ## chatwire against llama-server, llama_cpp.server and the ceiling, then replicas with and without affinity, then the first waves after start-up, then TLS against plaintext, then tracing against none, then batch-invariant attention against llama.cpp's, then speculative decoding against none and llama-server's; writes BENCHMARKS.md
 	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run.py
 	$(PY) bench/affinity.py
 	$(PY) bench/first_waves.py
 	$(PY) bench/tls_cost.py
 	$(PY) bench/tracing_cost.py
 	$(PY) bench/batch_invariance_cost.py
+	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/speculation_cost.py
 
 fuzz: $(SERVING) $(DEV) ## 10,000+ HTTP and 1,000+ gRPC fuzz cases against the real stack; writes RELIABILITY.md
 	mkdir -p reliability/results

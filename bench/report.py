@@ -231,6 +231,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _tls(results)
     lines += _tracing(results)
     lines += _batch_invariance(results)
+    lines += _speculation(results)
     if notes:
         lines += ["## Errors and notes", "", *notes, ""]
     return "\n".join(lines)
@@ -417,6 +418,65 @@ def _batch_invariance(results: dict[str, Any]) -> list[str]:
         f"{ratios['c16']:.3f}, long-prompt time {ratios['long']:.3f}. Goals: c1 within 5 % "
         f"({_met(ratios['c1'] > 0.95)}), c16 within 10 % ({_met(ratios['c16'] > 0.9)}), no reply differing under "
         f"load ({_met(run['modes']['invariant']['differing_under_load'] == 0)}).",
+        "",
+    ]
+
+
+def _speculation(results: dict[str, Any]) -> list[str]:
+    """Speculative decoding against chatwire without it and llama-server with and without its n-gram
+    speculation (bench/speculation_cost.py), with issue 27's goals."""
+    run = results.get("speculation")
+    if not run:
+        return []
+    targets = ("chatwire", "chatwire-off", "llama-server-ngram", "llama-server")
+    work = run["workloads"]
+
+    def cell(figure: dict[str, Any]) -> str:
+        accepted = f" ({figure['acceptance']:.0%})" if figure.get("acceptance") is not None else ""
+        return f"{figure['tokens_per_s']:.1f}{accepted}"
+
+    rows = [
+        f"| {name} | " + " | ".join(cell(by[t]) if t in by else "-" for t in targets) + " |"
+        for name, by in work.items()
+    ]
+    speed = {name: by["chatwire"]["tokens_per_s"] for name, by in work.items()}
+    off = {name: by["chatwire-off"]["tokens_per_s"] for name, by in work.items()}
+    peer = {
+        name: max(by["llama-server"]["tokens_per_s"], by["llama-server-ngram"]["tokens_per_s"])
+        for name, by in work.items()
+        if "llama-server" in by
+    }
+    edges = [name for name in work if not name.startswith(("edit", "extract"))]
+    worst_edge = min(speed[name] / off[name] for name in edges)
+    chat = run["chat"]
+    return [
+        "## Speculative decoding",
+        "",
+        f"chatwire with speculation (the default: the request's `prediction`, else prompt lookup) against chatwire "
+        f"with `speculation = false`, and llama-server with its n-gram speculation (`{run['llama_server_spec']}`, "
+        f"the best of `--sweep`) and without; greedy, {run['rounds']} rounds in turns after one that caches the "
+        f"prompts, medians; {run['date']}, {run['cpu']}. Tokens per second of decoding (first token to last, all "
+        f"the requests at once together), and in brackets the share of draft tokens accepted. Edit: a ~400-token "
+        f"file, rename a field, the file as the prediction (llama-server ignores it); extract: copy an invoice's "
+        f"fields into JSON; the edge cases: predictions that cannot help. `python bench/speculation_cost.py` (part "
+        f"of `make bench`).",
+        "",
+        "| workload | " + " | ".join(targets) + " |",
+        "|---|" + "---:|" * len(targets),
+        *rows,
+        "",
+        f"Plain chat (64-token streams), chatwire on/off: c1 {chat['chat c1']['ratio']:.3f}, c16 "
+        f"{chat['chat c16']['ratio']:.3f} (tokens/s {chat['chat c1']['chatwire']['tokens_per_s']:.1f} / "
+        f"{chat['chat c1']['chatwire-off']['tokens_per_s']:.1f} and {chat['chat c16']['chatwire']['tokens_per_s']:.1f}"
+        f" / {chat['chat c16']['chatwire-off']['tokens_per_s']:.1f}).",
+        "",
+        f"Goals: edit c1 at least 3x chatwire-off ({speed['edit c1'] / off['edit c1']:.2f}x, "
+        f"{_met(speed['edit c1'] >= 3 * off['edit c1'])}) and 2x llama-server's best "
+        f"({speed['edit c1'] / peer['edit c1']:.2f}x, {_met(speed['edit c1'] >= 2 * peer['edit c1'])}); extract c1 "
+        f"at least 1.5x off ({speed['extract c1'] / off['extract c1']:.2f}x, "
+        f"{_met(speed['extract c1'] >= 1.5 * off['extract c1'])}); chat c1 and c16 within 2 % of off "
+        f"({_met(min(chat['chat c1']['ratio'], chat['chat c16']['ratio']) >= 0.98)}); no edge case slower than 1.1x "
+        f"off (slowest {worst_edge:.2f}x speed, {_met(worst_edge >= 1 / 1.1)}).",
         "",
     ]
 

@@ -43,17 +43,19 @@ from chatwire_server.edge import stack
 from paired import MODEL, publish, streams_per_s, two_stacks
 from run import MODEL_PATH, THREADS, Peer
 
-ROUNDS = 4
-# llama-server's best n-gram speculation here (`--sweep`, Intel Xeon 2 cores, 2026-12-06): see docs/performance.md.
-LLAMA_SPEC = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3", "--spec-draft-n-max", "16"]
+ROUNDS = 2
+# llama-server's best n-gram speculation here: `--sweep` on an Intel Xeon (2 cores, 2026-12-06) gave, edit / extract
+# tokens/s at c1, off 50.6 / 56.6; ngram-simple n3 m16 26.2 / 45.1; its default (n12 m48) 47.3 / 76.3; n4 m32
+# 41.3 / 50.4; ngram-map-k n3 m16 62.1 / 59.0; ngram-mod's default 94.7 / 73.3; ngram-cache closed the connection.
+LLAMA_SPEC = ["--spec-type", "ngram-mod"]
 SWEEP = {
-    "ngram-simple n3 m16": LLAMA_SPEC,
+    "ngram-mod default": LLAMA_SPEC,
+    "ngram-simple n3 m16": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                            "--spec-draft-n-max", "16"],
     "ngram-simple default (n12 m48)": ["--spec-type", "ngram-simple"],
     "ngram-simple n4 m32": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4",
                             "--spec-draft-n-max", "32"],
     "ngram-map-k n3 m16": ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", "3", "--spec-draft-n-max", "16"],
-    "ngram-mod default": ["--spec-type", "ngram-mod"],
-    "ngram-cache": ["--spec-type", "ngram-cache", "--spec-draft-n-max", "16"],
 }  # fmt: skip
 
 SOURCE = """from dataclasses import dataclass
@@ -224,7 +226,7 @@ def measure(targets: dict[str, tuple[httpx.Client, int | None]], rounds: int) ->
     for round_ in range(rounds + 1):  # round 0 caches the prompts and is not counted
         order = list(targets)[:: 1 if round_ % 2 else -1]
         for workload, (concurrency, body) in workloads().items():
-            for target in order:
+            for target in [t for t in order if t.startswith("chatwire") or workload.startswith(("edit", "extract"))]:
                 client, metrics_port = targets[target]
                 before = chatwire_drafts(metrics_port) if metrics_port else (0.0, 0.0)
                 rate, reported = tokens_per_s(client, [body(i) for i in range(concurrency)])
@@ -314,8 +316,10 @@ def main() -> None:
             "llama-server-ngram": (client(peer_url(ngram)), None),
             "llama-server": (client(peer_url(plain)), None),
         }
-        section = measure(targets, ROUNDS)
-        section.update(chat({"chatwire": targets["chatwire"][0], "chatwire-off": targets["chatwire-off"][0]}, ROUNDS))
+        section = {
+            "workloads": measure(targets, ROUNDS),
+            "chat": chat({"chatwire": targets["chatwire"][0], "chatwire-off": targets["chatwire-off"][0]}, ROUNDS),
+        }
     section["llama_server_spec"] = " ".join(LLAMA_SPEC)
     section["rounds"] = ROUNDS
     section["command"] = (

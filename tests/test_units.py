@@ -469,16 +469,19 @@ def test_prediction_alignment_counts_each_predicted_token_once() -> None:
 def test_prediction_drafts_follow_the_reply_and_realign() -> None:
     from chatwire_server.engines.speculation import PredictionAligner
 
-    aligner = PredictionAligner([10, 11, 12, 13, 14, 15, 11, 16])
+    aligner = PredictionAligner([10, 11, 12, 13, 14, 15, 11, 16, 17, 18])
     assert aligner.draft(3) == [10, 11, 12]
     for token in (10, 11, 99):  # diverges where 12 was predicted
         aligner.feed(token)
     assert aligner.draft(4) == []  # 99 is nowhere in the prediction
-    aligner.feed(13)  # rejoins: what follows 13 comes next
-    assert aligner.draft(2) == [14, 15]
+    aligner.feed(13)  # rejoins on one token: too weak a guess to draft from yet
+    assert aligner.draft(2) == []
+    aligner.feed(14)  # two in a row: what follows comes next
+    assert aligner.draft(2) == [15, 11]
     aligner.feed(50)
     aligner.feed(11)  # 11 occurs twice: the one after where the reply left the prediction wins
-    assert aligner.draft(1) == [16]
+    aligner.feed(16)
+    assert aligner.draft(2) == [17, 18]
 
 
 def test_prompt_lookup_drafts_what_followed_the_last_tokens() -> None:

@@ -53,6 +53,7 @@ from chatwire_server.engines.speculation import (
     PromptIndex,
     PromptLookup,
     StepCost,
+    StepTimer,
     plan_draft_lengths,
 )
 from chatwire_server.engines.threads import ThreadTuner
@@ -266,8 +267,9 @@ class LlamaCppEngine:
         self._speculate = settings.speculation and settings.batch_invariant
         # What a step costs, which decides how many draft tokens pay: measured by the scheduler thread before its
         # first step (llama.cpp must only ever run on that thread: OpenMP keeps a team of threads per calling
-        # thread, and a second team made every step of the first take twice as long here).
-        self._step_cost: StepCost | None = None
+        # thread, and a second team made every step of the first take twice as long here), then learnt from the
+        # steps that only decode.
+        self._step_timer: StepTimer | None = None
         # Draft tokens verified and accepted so far, for metrics.
         self._drafted = self._draft_accepted = 0
 
@@ -523,7 +525,7 @@ class LlamaCppEngine:
 
     def _run(self) -> None:
         if self._speculate:
-            self._step_cost = self._measure_step_cost()
+            self._step_timer = StepTimer(self._measure_step_cost())
         while True:
             with self._lock:
                 while not (self._closing or self._queue or self._prefilling or self._running):
@@ -593,7 +595,8 @@ class LlamaCppEngine:
         # Draft tokens go right after the sequences' own: each evaluated at the position after the one before.
         prefill = min(room, sum(len(j.prompt) - j.prefill_pos for j in self._prefilling if id(j) not in waiting))
         drafts: dict[int, tuple[list[int], int]] = {}  # id(sequence) -> (draft tokens, the first one's row)
-        for seq, draft in self._drafts(n, prefill):
+        planned, guesses = self._drafts(n, prefill)
+        for seq, draft in planned:
             drafts[id(seq)] = (draft, n)
             for i, token in enumerate(draft):
                 n = self._add_token(n, token, seq.pos + i, seq.seq_id, logits=True)
@@ -627,7 +630,10 @@ class LlamaCppEngine:
             self._threads_set = threads
         started, started_ns = time.perf_counter(), time.time_ns()
         status = llama_cpp.llama_decode(self._ctx, self._batch)
-        self._tuner.record(comparable, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._tuner.record(comparable, seconds)
+        if self._step_timer is not None and comparable is not None:
+            self._step_timer.record(n, seconds)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         self._tokens_evaluated += n
@@ -642,15 +648,20 @@ class LlamaCppEngine:
                 self._verify(owner, row, *drafts[id(owner)])
             elif not owner.done:  # a choice whose request failed in this step is done too
                 self._sample(owner, row)
+        for seq, guess in guesses:  # a draft not worth its rows still tells whether drafts would be accepted
+            if not seq.done and seq.acceptance is not None:
+                seq.acceptance.record(1, int(seq.next_token == guess))
         self._running = [s for s in self._running if not s.done]
         self._make_room_to_grow()
 
-    def _drafts(self, rows: int, prefill: int) -> list[tuple[_Sequence, list[int]]]:
+    def _drafts(self, rows: int, prefill: int) -> tuple[list[tuple[_Sequence, list[int]]], list[tuple[_Sequence, int]]]:
         """The draft tokens each running sequence verifies in this step of `rows` decode rows and `prefill`
         prompt tokens: as many of each one's guesses as raise the step's expected tokens per second. Never past
-        its token budget, nor a token its grammar forbids."""
-        if self._step_cost is None:
-            return []
+        its token budget, nor a token its grammar forbids. Also the first guess of each sequence that drafts
+        nothing: once sampled, the token tells whether it would have been accepted, so a sequence whose drafts
+        stopped paying starts again when they would (its acceptance is learnt without verifying)."""
+        if self._step_timer is None:
+            return [], []
         candidates = []
         for seq in self._running:
             limit = seq.job.budget - seq.generated - 1  # the step's own row samples one token already
@@ -664,15 +675,19 @@ class LlamaCppEngine:
             if draft:
                 candidates.append((seq, draft, seq.acceptance.rate))
         if not candidates:
-            return []
+            return [], []
         lengths = plan_draft_lengths(
             rows + prefill,
             rows,
             [(rate, len(draft)) for _, draft, rate in candidates],
-            self._step_cost,
+            self._step_timer.cost,
             self._batch_capacity - prefill,
         )
-        return [(seq, draft[:length]) for (seq, draft, _), length in zip(candidates, lengths, strict=True) if length]
+        chosen = zip(candidates, lengths, strict=True)
+        return (
+            [(seq, draft[:length]) for (seq, draft, _), length in chosen if length],
+            [(seq, draft[0]) for (seq, draft, _), length in zip(candidates, lengths, strict=True) if not length],
+        )
 
     def _verify(self, seq: _Sequence, row: int, draft: list[int], draft_row: int) -> None:
         """Sample the sequence's row, then each draft row while the draft holds the token just sampled: each

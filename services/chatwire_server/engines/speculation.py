@@ -28,7 +28,10 @@ MAX_REALIGN_TOKENS = 8
 # Prompt lookup matches the reply's last 4, 3 or 2 tokens (longest first); a single token matches too much.
 LOOKUP_NGRAMS = (4, 3, 2)
 # How fast a sequence's acceptance estimate forgets: its counts are multiplied by this at every verification.
-ACCEPTANCE_MEMORY = 0.8
+ACCEPTANCE_MEMORY = 0.9
+# A prediction is drafted from once the reply has followed it for this many tokens in a row: a realignment on
+# one shared token (a space, a bracket) is a guess too weak to spend rows on.
+MIN_FOLLOWED = 2
 
 
 class PredictionAligner:
@@ -55,6 +58,8 @@ class PredictionAligner:
         self._left_at = 0
         # Predicted tokens the reply has used: one that the reply repeats counts once.
         self._used = bytearray(len(self._predicted))
+        # Tokens the reply has followed the prediction for, in a row (the start counts as followed).
+        self._followed = MIN_FOLLOWED
         self.accepted = 0
 
     @property
@@ -69,21 +74,22 @@ class PredictionAligner:
             self.accepted += not self._used[expected]
             self._used[expected] = 1
             self._next = expected + 1
+            self._followed += 1
             return
         if expected is not None:
             self._left_at = expected
         match = self._realign()
-        self._next = None
+        self._next, self._followed = None, 0
         if match is not None:  # the reply's last `length` tokens are predicted ones: they appeared in it
             end, length = match
             for i in range(end - length + 1, end + 1):
                 self.accepted += not self._used[i]
                 self._used[i] = 1
-            self._next = end + 1
+            self._next, self._followed = end + 1, length
 
     def draft(self, limit: int) -> list[int]:
-        """The predicted tokens expected next, at most `limit`."""
-        if self._next is None:
+        """The predicted tokens expected next, at most `limit` (none until the reply follows it again)."""
+        if self._next is None or self._followed < MIN_FOLLOWED:
             return []
         return self._predicted[self._next : self._next + limit]
 
@@ -174,11 +180,41 @@ class Acceptance:
 
 @dataclass(frozen=True)
 class StepCost:
-    """A decode step's time as `fixed + per_row * rows` (reading the weights once, then each row's arithmetic),
-    measured by the engine at start."""
+    """A decode step's time as `fixed + per_row * rows` (reading the weights once, then each row's arithmetic)."""
 
     fixed: float
     per_row: float
+
+
+class StepTimer:
+    """Learns `StepCost` from the steps the engine times: a least-squares line through recent (rows, seconds),
+    older steps weighing less. Both terms grow with the context (a row's attention reads every cell before it),
+    so a measurement at start alone would make drafts look cheaper than they are in a long reply. Starts from
+    `prior`, which weighs as much as a few steps."""
+
+    def __init__(self, prior: StepCost, memory: float = 0.98) -> None:
+        self._memory = memory
+        self._sums = [0.0] * 5  # weight, rows, seconds, rows^2, rows * seconds
+        for rows in (1, 9):
+            self.record(rows, prior.fixed + prior.per_row * rows)
+        self._prior = prior
+
+    def record(self, rows: int, seconds: float) -> None:
+        decay = self._memory
+        self._sums = [
+            total * decay + value
+            for total, value in zip(self._sums, (1.0, rows, seconds, rows * rows, rows * seconds), strict=True)
+        ]
+
+    @property
+    def cost(self) -> StepCost:
+        weight, rows, seconds, squares, products = self._sums
+        spread = weight * squares - rows * rows
+        if spread <= 1e-9 * weight * weight:
+            return self._prior
+        per_row = (weight * products - rows * seconds) / spread
+        per_row = max(per_row, 1e-6)
+        return StepCost(fixed=max((seconds - per_row * rows) / weight, 0.0), per_row=per_row)
 
 
 def plan_draft_lengths(
