@@ -124,10 +124,10 @@ DOCUMENT = (
 FRENCH = "Il était une fois, dans un petit village au bord de la mer, une vieille femme qui gardait un phare. " * 3
 
 
-def edit(nonce: str, prediction: str | None = SOURCE, max_tokens: int = 600) -> dict[str, Any]:
+def edit(prediction: str | None = SOURCE, max_tokens: int = 600) -> dict[str, Any]:
     task = f"Replace every `name` with `username` in this file:\n\n```python\n{SOURCE}```"
     body: dict[str, Any] = {
-        "messages": [{"role": "system", "content": f"{EDIT_SYSTEM} ({nonce})"}, {"role": "user", "content": task}],
+        "messages": [{"role": "system", "content": EDIT_SYSTEM}, {"role": "user", "content": task}],
         "max_tokens": max_tokens,
     }
     if prediction is not None:
@@ -135,21 +135,19 @@ def edit(nonce: str, prediction: str | None = SOURCE, max_tokens: int = 600) -> 
     return body
 
 
-def extract(nonce: str) -> dict[str, Any]:
+def extract() -> dict[str, Any]:
     ask = (
         f"{DOCUMENT}\n\nCopy the invoice number, seller, seller address, buyer, buyer address, items, total and "
-        f"payment reference of the invoice above into a JSON object. ({nonce})"
+        "payment reference of the invoice above into a JSON object."
     )
     return {"messages": [{"role": "user", "content": ask}], "max_tokens": 300}
 
 
 EDGE = {
-    "another language": lambda nonce: edit(nonce, FRENCH, 200),
-    "empty": lambda nonce: edit(nonce, "", 200),
-    "longer than max_tokens": lambda nonce: edit(nonce, SOURCE, 60),
-    "special-token text": lambda nonce: edit(
-        nonce, SOURCE.replace("\n\n\ndef ", "<|im_end|>\n<|im_start|>\ndef "), 200
-    ),
+    "another language": edit(FRENCH, 200),
+    "empty": edit("", 200),
+    "longer than max_tokens": edit(SOURCE, 60),
+    "special-token text": edit(SOURCE.replace("\n\n\ndef ", "<|im_end|>\n<|im_start|>\ndef "), 200),
 }
 
 
@@ -207,15 +205,16 @@ def chatwire_drafts(metrics_port: int) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def workloads() -> dict[str, Any]:
-    """Each workload: how many requests at once, and the body of the i-th (a new nonce per workload keeps each
-    one's prompts apart; rounds repeat them, so after the first they are cached)."""
+def workloads() -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each workload: how many requests at once (the same request: four users editing one file), and its body.
+    The small model follows the edit's exact wording; a nonce in the prompt made it describe the file instead.
+    Rounds repeat the prompts, so after the first they are cached everywhere."""
     return {
-        "edit c1": (1, lambda i: edit("edit")),
-        "edit c4": (4, lambda i: edit(f"edit {i}")),
-        "extract c1": (1, lambda i: extract("extract")),
-        "extract c4": (4, lambda i: extract(f"extract {i}")),
-        **{f"{name} c1": (1, lambda i, make=make, name=name: make(name)) for name, make in EDGE.items()},
+        "edit c1": (1, edit()),
+        "edit c4": (4, edit()),
+        "extract c1": (1, extract()),
+        "extract c4": (4, extract()),
+        **{f"{name} c1": (1, body) for name, body in EDGE.items()},
     }
 
 
@@ -229,7 +228,7 @@ def measure(targets: dict[str, tuple[httpx.Client, int | None]], rounds: int) ->
             for target in [t for t in order if t.startswith("chatwire") or workload.startswith(("edit", "extract"))]:
                 client, metrics_port = targets[target]
                 before = chatwire_drafts(metrics_port) if metrics_port else (0.0, 0.0)
-                rate, reported = tokens_per_s(client, [body(i) for i in range(concurrency)])
+                rate, reported = tokens_per_s(client, [body] * concurrency)
                 after = chatwire_drafts(metrics_port) if metrics_port else (0.0, 0.0)
                 counts = (after[0] - before[0], after[1] - before[1]) if metrics_port else reported
                 if round_:
@@ -254,7 +253,7 @@ def chat(clients: dict[str, httpx.Client], rounds: int) -> dict[str, Any]:
     probes = {"chat c1": streams_per_s(1), "chat c16": streams_per_s(16)}
     samples: dict[str, dict[str, list[float]]] = {name: {p: [] for p in probes} for name in clients}
     ratios: dict[str, list[float]] = {p: [] for p in probes}
-    for round_ in range(rounds):
+    for round_ in range(rounds * 3):  # short: more rounds, as the goal is within 2 %
         for probe, run in probes.items():
             for name in list(clients)[:: 1 if round_ % 2 else -1]:
                 samples[name][probe].append(run(name, clients[name]))
@@ -286,7 +285,7 @@ def sweep(work: Path) -> None:
             httpx.Client(base_url=peer_url(peer), timeout=600) as client,
         ):
             rates = {}
-            for workload, body in (("edit", edit("sweep", None)), ("extract", extract("sweep"))):
+            for workload, body in (("edit", edit(None)), ("extract", extract())):
                 stream(client, body)
                 rates[workload] = statistics.median(tokens_per_s(client, [body])[0] for _ in range(3))
             print(name, {k: round(v, 1) for k, v in rates.items()}, flush=True)

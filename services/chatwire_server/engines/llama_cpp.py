@@ -272,6 +272,13 @@ class LlamaCppEngine:
         self._step_timer: StepTimer | None = None
         # Draft tokens verified and accepted so far, for metrics.
         self._drafted = self._draft_accepted = 0
+        # How often drafts are accepted on this engine, with a prediction (True) and from prompt lookup (False),
+        # remembered over many requests. Until drafts have been tried: a prediction is usually followed (an edit
+        # keeps most of the file), a lookup is even odds, so it tries one token before it risks more.
+        self._acceptance = {
+            True: Acceptance(accepted=4, rejected=0, memory=0.995),
+            False: Acceptance(accepted=0, rejected=0, memory=0.995),
+        }
 
         self._pieces: dict[int, bytes] = {}
         self._prompt_splitter = self._special_token_splitter()
@@ -681,7 +688,7 @@ class LlamaCppEngine:
             rows,
             [(rate, len(draft)) for _, draft, rate in candidates],
             self._step_timer.cost,
-            self._batch_capacity - prefill,
+            self._batch_capacity,
         )
         chosen = zip(candidates, lengths, strict=True)
         return (
@@ -706,11 +713,9 @@ class LlamaCppEngine:
         self._drafted += len(draft)
         self._draft_accepted += accepted
 
-    @staticmethod
-    def _prior_acceptance(job: _Job) -> Acceptance:
-        """Before its first verification: a prediction is usually followed (an edit keeps most of the file), a
-        lookup starts at even odds, so it tries one token before it risks more."""
-        return Acceptance(accepted=4, rejected=0) if job.predicted is not None else Acceptance(0, 0)
+    def _prior_acceptance(self, job: _Job) -> Acceptance:
+        """Before its first verification: what drafts of its source have done on this engine so far."""
+        return Acceptance.like(self._acceptance[job.predicted is not None])
 
     def _measure_step_cost(self) -> StepCost:
         """Time steps of 1 and 9 rows of a scratch sequence (the cache is empty: no step has run yet)."""

@@ -29,6 +29,8 @@ MAX_REALIGN_TOKENS = 8
 LOOKUP_NGRAMS = (4, 3, 2)
 # How fast a sequence's acceptance estimate forgets: its counts are multiplied by this at every verification.
 ACCEPTANCE_MEMORY = 0.9
+# How much a new sequence's estimate trusts the engine's so far, in draft tokens' worth.
+PRIOR_WEIGHT = 4
 # A prediction is drafted from once the reply has followed it for this many tokens in a row: a realignment on
 # one shared token (a space, a bracket) is a guess too weak to spend rows on.
 MIN_FOLLOWED = 2
@@ -164,18 +166,30 @@ class PromptIndex:
 @dataclass
 class Acceptance:
     """A running estimate of the chance that a sequence's next draft token is accepted: decayed counts of draft
-    tokens accepted and of drafts cut short, with a prior."""
+    tokens accepted and of drafts cut short. A sequence's starts from the engine's estimate for its source
+    (`like`), which learns from every sequence: a server whose lookups mostly fail starts new ones cautious."""
 
     accepted: float
     rejected: float
+    memory: float = ACCEPTANCE_MEMORY
+    # The engine-wide estimate of the same source, which every record also goes to.
+    shared: Acceptance | None = None
+
+    @classmethod
+    def like(cls, shared: Acceptance) -> Acceptance:
+        """A new sequence's estimate: `shared`'s rate, weighing as much as PRIOR_WEIGHT draft tokens."""
+        rate = shared.rate
+        return cls(PRIOR_WEIGHT * rate, PRIOR_WEIGHT * (1 - rate), shared=shared)
 
     @property
     def rate(self) -> float:
         return (self.accepted + 1) / (self.accepted + self.rejected + 2)
 
     def record(self, drafted: int, accepted: int) -> None:
-        self.accepted = self.accepted * ACCEPTANCE_MEMORY + accepted
-        self.rejected = self.rejected * ACCEPTANCE_MEMORY + (accepted < drafted)
+        self.accepted = self.accepted * self.memory + accepted
+        self.rejected = self.rejected * self.memory + (accepted < drafted)
+        if self.shared is not None:
+            self.shared.record(drafted, accepted)
 
 
 @dataclass(frozen=True)
