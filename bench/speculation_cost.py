@@ -262,6 +262,7 @@ def chat(clients: dict[str, httpx.Client], rounds: int) -> dict[str, Any]:
         probe: {
             **{name: {"tokens_per_s": round(statistics.median(samples[name][probe]), 1)} for name in clients},
             "ratio": round(statistics.median(ratios[probe]), 3),
+            "round_ratios": [round(r, 3) for r in ratios[probe]],
         }
         for probe in probes
     }
