@@ -690,10 +690,10 @@ class LlamaCppEngine:
             self._step_timer.cost,
             self._batch_capacity,
         )
-        chosen = zip(candidates, lengths, strict=True)
+        chosen = [(seq, draft, length) for (seq, draft, _), length in zip(candidates, lengths, strict=True)]
         return (
-            [(seq, draft[:length]) for (seq, draft, _), length in chosen if length],
-            [(seq, draft[0]) for (seq, draft, _), length in zip(candidates, lengths, strict=True) if not length],
+            [(seq, draft[:length]) for seq, draft, length in chosen if length],
+            [(seq, draft[0]) for seq, draft, length in chosen if not length],
         )
 
     def _verify(self, seq: _Sequence, row: int, draft: list[int], draft_row: int) -> None:
