@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 import statistics
 import tempfile
 import threading
@@ -29,8 +28,7 @@ from typing import Any
 
 import httpx
 
-from chatwire_server.edge import stack
-from paired import MODEL, STREAM_TOKENS, in_turns, publish, streams_per_s, two_stacks, warm
+from paired import MODEL, STREAM_TOKENS, config_with, in_turns, publish, streams_per_s, two_stacks, warm
 
 ROUNDS = {"c1": 8, "c4": 4, "c16": 4, "long": 4}
 # About 1,200 tokens, made new for each request (the prefix cache would answer a repeated one).
@@ -109,12 +107,7 @@ def differing(client: httpx.Client, run: str) -> int:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="chatwire-bench-invariance-"))
-    stock_config = work / "models.toml"
-    text, found = re.subn(
-        r"^# batch_invariant = true.*$", "batch_invariant = false", stack.DEFAULT_CONFIG.read_text(), flags=re.M
-    )
-    assert found == 1, "config/models.toml lost its batch_invariant line"
-    stock_config.write_text(text)
+    stock_config = config_with(work, "batch_invariant", "false")
     with contextlib.ExitStack() as running:
         invariant, stock = running.enter_context(two_stacks(work, ("invariant", "stock"), {}, config=stock_config))
         clients = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,16 @@ def two_stacks(
             for name in env:
                 os.environ.pop(name)
         yield baseline, other
+
+
+def config_with(work: Path, name: str, value: str) -> Path:
+    """The default model config with the commented-out setting `name` (config/models.toml shows each one's
+    default as `# name = ...`) set to `value`, written into `work`."""
+    text, found = re.subn(rf"^# {name} = .*$", f"{name} = {value}", stack.DEFAULT_CONFIG.read_text(), flags=re.M)
+    assert found == 1, f"config/models.toml lost its {name} line"
+    config = work / "models.toml"
+    config.write_text(text)
+    return config
 
 
 def carries_token(line: str) -> bool:

@@ -283,6 +283,16 @@ class Missing(Target):
         return {}
 
 
+def llama_server_command(port: int, parallel: int = 64) -> list[str]:
+    """llama-server (LLAMA_SERVER, as `make bench` builds it) serving the model on `port` with `parallel` slots
+    sharing one KV cache."""
+    binary = os.environ.get("LLAMA_SERVER", "llama-server")
+    return [
+        *(binary, "-m", str(MODEL_PATH), "-t", THREADS, "-tb", THREADS, "--host", "127.0.0.1", "--port", str(port)),
+        *("--parallel", str(parallel), "--kv-unified", "-c", "32768", "-b", "512", "--no-webui"),
+    ]
+
+
 @contextlib.contextmanager
 def started(name: str, work: Path) -> Iterator[Target]:
     """Start one target and wait until it is ready; stop it afterwards."""
@@ -296,16 +306,14 @@ def started(name: str, work: Path) -> Iterator[Target]:
         with stack.launched(work, "chatwire") as running:
             yield Chatwire(running)
     elif name == "llama-server":
-        binary = Path(os.environ.get("LLAMA_SERVER", "llama-server"))
+        binary = Path(llama_server_command(0)[0])
         if not binary.exists():
             yield Missing(
                 name, f"not run: {binary} is missing (`make bench` builds it with bench/build_llama_server.sh)"
             )
             return
         port = stack.free_port()
-        command = [str(binary), "-m", str(MODEL_PATH), "-t", THREADS, "-tb", THREADS, "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--parallel", "64", "--kv-unified", "-c", "32768", "-b", "512", "--no-webui"]
-        with contextlib.closing(Peer(name, command, "/health", port, work)) as peer:
+        with contextlib.closing(Peer(name, llama_server_command(port), "/health", port, work)) as peer:
             yield peer
     elif name == "llama_cpp.server":
         port = stack.free_port()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import statistics
 import sys
@@ -40,8 +39,8 @@ from typing import Any
 import httpx
 
 from chatwire_server.edge import stack
-from paired import MODEL, publish, streams_per_s, two_stacks
-from run import MODEL_PATH, THREADS, Peer
+from paired import MODEL, config_with, publish, streams_per_s, two_stacks
+from run import Peer, llama_server_command
 
 ROUNDS = 2
 # llama-server's best n-gram speculation here: `--sweep` on an Intel Xeon (2 cores, 2026-12-06) gave, edit / extract
@@ -188,11 +187,9 @@ def tokens_per_s(client: httpx.Client, bodies: list[dict[str, Any]]) -> tuple[fl
 
 @contextlib.contextmanager
 def llama_server(name: str, spec: list[str], work: Path) -> Iterator[Peer]:
-    binary = Path(os.environ.get("LLAMA_SERVER", "llama-server"))
     port = stack.free_port()
-    command = [str(binary), "-m", str(MODEL_PATH), "-t", THREADS, "-tb", THREADS, "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--parallel", "16", "--kv-unified", "-c", "32768", "-b", "512", "--no-webui"]
-    with contextlib.closing(Peer(name, command + spec, "/health", port, work)) as peer:
+    command = llama_server_command(port, parallel=16) + spec
+    with contextlib.closing(Peer(name, command, "/health", port, work)) as peer:
         yield peer
 
 
@@ -268,16 +265,6 @@ def chat(clients: dict[str, httpx.Client], rounds: int) -> dict[str, Any]:
     }
 
 
-def off_config(work: Path) -> Path:
-    text, found = re.subn(
-        r"^# speculation = true.*$", "speculation = false", stack.DEFAULT_CONFIG.read_text(), flags=re.M
-    )
-    assert found == 1, "config/models.toml lost its speculation line"
-    config = work / "models.toml"
-    config.write_text(text)
-    return config
-
-
 def sweep(work: Path) -> None:
     """llama-server's n-gram settings on edit and extract at c1 (greedy), to pick LLAMA_SPEC."""
     for name, spec in {"off": [], **SWEEP}.items():
@@ -296,23 +283,21 @@ def peer_url(peer: Peer) -> str:
     return peer.chat_url.removesuffix("/v1/chat/completions")
 
 
-def base(running: Any) -> str:
-    return str(running.chat_url).removesuffix("/v1/chat/completions")
-
-
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="chatwire-bench-speculation-"))
     if "--sweep" in sys.argv:
         sweep(work)
         return
     with contextlib.ExitStack() as running:
-        on, off = running.enter_context(two_stacks(work, ("chatwire", "chatwire-off"), {}, config=off_config(work)))
+        on, off = running.enter_context(
+            two_stacks(work, ("chatwire", "chatwire-off"), {}, config=config_with(work, "speculation", "false"))
+        )
         plain = running.enter_context(llama_server("llama-server", [], work))
         ngram = running.enter_context(llama_server("llama-server-ngram", LLAMA_SPEC, work))
         client = lambda url: running.enter_context(httpx.Client(base_url=url, timeout=600))  # noqa: E731
         targets = {
-            "chatwire": (client(base(on)), on.ports.metrics),
-            "chatwire-off": (client(base(off)), None),
+            "chatwire": (client(f"http://127.0.0.1:{on.ports.http}"), on.ports.metrics),
+            "chatwire-off": (client(f"http://127.0.0.1:{off.ports.http}"), None),
             "llama-server-ngram": (client(peer_url(ngram)), None),
             "llama-server": (client(peer_url(plain)), None),
         }
