@@ -176,6 +176,8 @@ class _Job:
     matcher: LLMatcher | None = None
     # The request's `prediction`, tokenized (special-token text stays text); None without one.
     predicted: list[int] | None = None
+    # The prompt's n-grams, for prompt-lookup drafts (speculation on, no prediction); its choices share it.
+    lookup: PromptIndex | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled at admission.
     # Sequence ids still held (a finished choice gives its id back).
@@ -432,18 +434,12 @@ class LlamaCppEngine:
                     param=f"logit_bias.{token}",
                     code="invalid_value",
                 )
-        # A short conversation is rendered and tokenized at once (well under a millisecond); a long one off the
-        # event loop.
-        if sum(len(m.content or "") for m in request.messages) <= INLINE_TOKENIZE_CHARS:
-            prompt = self.tokenize_prompt(request.messages)
+        # A short request is rendered and tokenized at once (well under a millisecond); a long one off the event
+        # loop.
+        if sum(len(m.content or "") for m in request.messages) + len(request.prediction or "") <= INLINE_TOKENIZE_CHARS:
+            prompt, predicted, lookup = self._tokens(request)
         else:
-            prompt = await asyncio.to_thread(self.tokenize_prompt, request.messages)
-        predicted = None
-        if request.prediction is not None:  # the reply's text, as the model would write it: no special tokens
-            if len(request.prediction) <= INLINE_TOKENIZE_CHARS:
-                predicted = self.tokenize(request.prediction, parse_special=False)
-            else:
-                predicted = await asyncio.to_thread(self.tokenize, request.prediction, parse_special=False)
+            prompt, predicted, lookup = await asyncio.to_thread(self._tokens, request)
         budget = self._completion_budget(len(prompt), request.sampling.max_tokens)
         if request.n * budget > self._settings.max_completion_budget:
             raise InvalidRequestError(
@@ -454,7 +450,9 @@ class LlamaCppEngine:
                 code="invalid_value",
             )
         matcher = await self._matcher(request.sampling.constraint) if request.sampling.constraint else None
-        job = _Job(prompt, request.n, request.sampling, request.top_logprobs, budget, tag, sink, matcher, predicted)
+        job = _Job(
+            prompt, request.n, request.sampling, request.top_logprobs, budget, tag, sink, matcher, predicted, lookup
+        )
         self._submit(job)
 
         def cancel() -> None:
@@ -463,6 +461,16 @@ class LlamaCppEngine:
                 self._lock.notify()
 
         return cancel
+
+    def _tokens(self, request: ChatRequest) -> tuple[list[int], list[int] | None, PromptIndex | None]:
+        """The prompt's tokens; the prediction's, if any, as plain text (it is the reply's text as the model would
+        write it, so `<|im_end|>` in it is no end of turn); and without a prediction, when the engine speculates,
+        the prompt's n-grams for prompt lookup (indexed here rather than on the scheduler thread, where a long
+        prompt's index would hold up every stream's step)."""
+        prompt = self.tokenize_prompt(request.messages)
+        if request.prediction is not None:
+            return prompt, self.tokenize(request.prediction, parse_special=False), None
+        return prompt, None, PromptIndex(prompt) if self._speculate else None
 
     async def _matcher(self, constraint: Constraint) -> LLMatcher:
         """The grammar's matcher, built off the event loop (a large schema takes a while)."""
@@ -871,7 +879,6 @@ class LlamaCppEngine:
         first = job.seq_ids[0]
         for seq_id in job.seq_ids[1:]:
             llama_cpp.llama_memory_seq_cp(self._memory, first, seq_id, -1, -1)
-        lookup = PromptIndex(job.prompt) if self._speculate and job.predicted is None else None
         choices = [
             _Sequence(
                 job=job,
@@ -883,7 +890,7 @@ class LlamaCppEngine:
                 utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
                 pos=len(job.prompt),
                 aligner=PredictionAligner(job.predicted) if job.predicted is not None else None,
-                lookup=PromptLookup(lookup) if lookup else None,
+                lookup=PromptLookup(job.lookup) if job.lookup else None,
                 acceptance=self._prior_acceptance(job) if self._speculate else None,
             )
             for index, seq_id in enumerate(job.seq_ids)

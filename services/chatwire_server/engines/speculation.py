@@ -136,9 +136,9 @@ class PromptLookup:
     def draft(self, limit: int) -> list[int]:
         reply = self._reply
         for n in LOOKUP_NGRAMS:
-            if len(reply) + len(self._prompt.tokens) < n:
+            tail = tuple((self._prompt.tokens[-n:] + reply[-n:])[-n:])  # a short reply's tail begins in the prompt
+            if len(tail) < n:
                 continue
-            tail = tuple((self._prompt.tokens + reply)[-n:]) if len(reply) < n else tuple(reply[-n:])
             start = self._reply_index.get(tail)
             if start is not None:
                 return reply[start : start + limit]
